@@ -11,7 +11,9 @@ from scipy import ndimage
 from skimage.metrics import variation_of_information
 
 from ssn_deploy.affinities import affinities_from_intensity, affinities_from_labels
-from ssn_deploy.agglomeration import segment_affinities, watershed_fragments
+from ssn_deploy.agglomeration import agglomerate_waterz, segment_affinities, watershed_fragments
+from ssn_deploy.agglomeration.hierarchical import agglomerate, relabel
+from ssn_deploy.agglomeration.region_graph import edge_statistics, merge_edge_stats
 
 
 def prediction_like(labels: np.ndarray) -> np.ndarray:
@@ -64,3 +66,50 @@ def test_waterz_output_does_not_reach_stdout(crop, capfd):
     segment_affinities(affs, 0.5)
     out, _ = capfd.readouterr()
     assert out == ""
+
+
+def test_own_agglomeration_reproduces_waterz(crop):
+    raw, labels = crop
+    for affs in (prediction_like(labels), affinities_from_intensity(raw)):
+        frags = watershed_fragments(affs)
+        thresholds = [0.3, 0.5, 0.7]
+        reference = agglomerate_waterz(affs, frags, thresholds)
+        history = agglomerate(edge_statistics(affs, frags))
+        for t, ref in zip(thresholds, reference, strict=True):
+            ours = relabel(frags, history.lookup(t))
+            assert sum(variation_of_information(ref, ours)) < 1e-9, t
+
+
+def test_edge_statistics_sum_exactly_over_blocks(crop):
+    _, labels = crop
+    affs = prediction_like(labels)
+    frags = watershed_fragments(affs)
+    whole = edge_statistics(affs, frags)
+    # two halves along y: each counts the edges that start at its own voxels
+    parts = []
+    for lo, hi in ((0, 40), (40, labels.shape[1])):
+        owned = np.zeros(frags.shape, bool)
+        owned[:, lo:hi] = True
+        parts.append(edge_statistics(affs, frags, owned=owned))
+    summed = merge_edge_stats(parts)
+    np.testing.assert_array_equal(summed.u, whole.u)
+    np.testing.assert_array_equal(summed.v, whole.v)
+    np.testing.assert_array_equal(summed.count, whole.count)
+    np.testing.assert_array_equal(summed.histogram, whole.histogram)
+    np.testing.assert_allclose(summed.total, whole.total, rtol=1e-12)
+    assert (whole.histogram.sum(axis=1) == whole.count).all()
+
+
+def test_threshold_sweep_is_monotone_and_reuses_one_history(crop):
+    _, labels = crop
+    affs = prediction_like(labels)
+    frags = watershed_fragments(affs)
+    history = agglomerate(edge_statistics(affs, frags))
+    counts = [len(set(history.lookup(t).values())) for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert counts[0] == len(np.unique(frags))
+    assert counts == sorted(counts, reverse=True)
+    lower = history.lookup(0.3)
+    higher = history.lookup(0.6)
+    # the lower threshold's segments nest inside the higher one's
+    for frag, seg in lower.items():
+        assert higher[seg] == higher[frag]

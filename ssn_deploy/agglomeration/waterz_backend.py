@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+import fastremap
 import numpy as np
 
 from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset
@@ -55,10 +56,13 @@ def agglomerate_waterz(
     if tuple(map(tuple, offsets)) != DEFAULT_OFFSETS:
         raise ValueError("waterz needs the three nearest-neighbour offsets, in z, y, x order")
     affs = np.ascontiguousarray(affs[: len(DEFAULT_OFFSETS)], dtype=np.float32)
-    frags = np.array(fragments, dtype=np.uint64, order="C", copy=True)  # waterz writes into it
+    # waterz sizes its tables by the largest id: renumber block-unique ids to 1..n first
+    frags, remap = fastremap.renumber(np.array(fragments, dtype=np.uint64, order="C"), start=1)
+    frags = frags.astype(np.uint64)
+    back = {new: old for old, new in remap.items()}
     with _quiet_stdout():
         results = [
-            seg.copy()
+            fastremap.remap(seg, back, preserve_missing_labels=True)
             for seg in waterz.agglomerate(
                 affs,
                 thresholds=sorted(thresholds),
