@@ -56,10 +56,11 @@ def agglomerate_waterz(
     if tuple(map(tuple, offsets)) != DEFAULT_OFFSETS:
         raise ValueError("waterz needs the three nearest-neighbour offsets, in z, y, x order")
     affs = np.ascontiguousarray(affs[: len(DEFAULT_OFFSETS)], dtype=np.float32)
-    # waterz sizes its tables by the largest id: renumber block-unique ids to 1..n first
-    frags, remap = fastremap.renumber(np.array(fragments, dtype=np.uint64, order="C"), start=1)
-    frags = frags.astype(np.uint64)
-    back = {new: old for old, new in remap.items()}
+    # waterz sizes its tables by the largest id: renumber to 1..n, keeping the ids' order
+    # (waterz breaks score ties by edge order, which follows the ids)
+    ids, inverse = np.unique(np.asarray(fragments, dtype=np.uint64), return_inverse=True)
+    frags = (inverse.reshape(np.shape(fragments)) + 1).astype(np.uint64)
+    back = dict(zip(range(1, len(ids) + 1), ids.tolist(), strict=True))
     with _quiet_stdout():
         results = [
             fastremap.remap(seg, back, preserve_missing_labels=True)
