@@ -877,6 +877,11 @@ def _same_or_nested(a: _Location, b: _Location) -> bool:
     return pa == pb or pa.startswith(pb + os.sep) or pb.startswith(pa + os.sep)
 
 
+def overlaps(existing: str, output: str) -> bool:
+    """True if writing (or ``--overwrite`` deleting) ``output`` could touch ``existing``."""
+    return _same_or_nested(_parse_spec(existing), _output_location(output))
+
+
 def convert(
     src: str,
     dst: str,

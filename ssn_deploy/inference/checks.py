@@ -1,0 +1,73 @@
+"""Input checks done before a single block is submitted, so a wrong input costs seconds."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ssn_deploy.errors import InvalidInputError, VoxelSizeError
+from ssn_deploy.geometry import Box
+from ssn_deploy.volumes import Volume, require_volume
+
+log = logging.getLogger(__name__)
+
+RAW_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
+SAMPLED_CHUNKS = 8
+
+
+def describe(box: Box) -> str:
+    """``[z0:z1, y0:y1, x0:x1]``, for messages."""
+    return "[" + ", ".join(f"{b}:{e}" for b, e in zip(box.begin, box.end, strict=True)) + "]"
+
+
+def sample_chunks(volume: Volume, count: int = SAMPLED_CHUNKS) -> list[Box]:
+    """Up to ``count`` storage chunks spread evenly over the volume (first and last included)."""
+    shape, chunks = volume.shape[-3:], volume.chunks[-3:]
+    grid = tuple(-(-s // c) for s, c in zip(shape, chunks, strict=True))
+    n = int(np.prod(grid))
+    picks = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+    total = Box.from_shape(shape)
+    return [
+        Box(tuple(int(i) * c for i, c in zip(index, chunks, strict=True)), chunks).intersect(total)
+        for index in zip(*np.unravel_index(picks, grid), strict=True)
+    ]
+
+
+def check_raw(volume: Volume, model_voxel_size: tuple[float, ...] | None) -> None:
+    """3D, uint8 or float in [0, 1] (sampled), finite, with a voxel size.
+
+    A model voxel size that differs from the volume's by more than 25 % is only logged: users
+    may mean it (e.g. a 8 nm model on 10 nm data), and ``--voxel-size`` fixes wrong metadata.
+    """
+    try:
+        require_volume(volume, ndim=3, dtypes=RAW_DTYPES)
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"{exc}; raw must be a 3D z,y,x volume of uint8 (or float in [0, 1])"
+        ) from None
+    if volume.voxel_size is None:
+        raise VoxelSizeError(f"{volume.spec} has no voxel size; pass --voxel-size Z,Y,X (nm)")
+    if model_voxel_size is not None and not np.allclose(
+        volume.voxel_size, model_voxel_size, rtol=0.25
+    ):
+        log.warning(
+            "%s has voxel size %s nm but the model was trained at %s nm",
+            volume.spec,
+            volume.voxel_size,
+            model_voxel_size,
+        )
+    if volume.dtype == np.uint8:
+        return
+    for box in sample_chunks(volume):
+        data = volume[box]
+        if not np.isfinite(data).all():
+            raise InvalidInputError(
+                f"{volume.spec}: NaN or infinite values in voxels {describe(box)}"
+            )
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0 or hi > 1:
+            raise InvalidInputError(
+                f"{volume.spec}: float raw must lie in [0, 1], found [{lo:g}, {hi:g}] in "
+                f"voxels {describe(box)}; rescale it or convert to uint8"
+            )

@@ -1,0 +1,65 @@
+"""Which blocks are finished, so a rerun resumes where a killed run stopped.
+
+The markers are a uint8 zarr array ``OUTPUT/done`` inside the output, one voxel and one chunk
+per block (voxel size = block size), so every store zarr writes (local, S3, memory) holds them,
+no two blocks write the same chunk, and a viewer shows progress as a coarse map. A block marks
+itself only after its output chunk is written, so a kill in between leaves it unmarked and the
+rerun recomputes it; zarr's local store writes chunks atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssn_deploy.errors import InvalidInputError
+from ssn_deploy.geometry import Block, BlockGrid, Box
+from ssn_deploy.volumes import Volume, create_volume, open_volume
+
+
+def markers_spec(output_spec: str) -> str:
+    """``out.zarr`` → ``out.zarr/done``; ``x.zarr:aff`` → ``x.zarr:aff/done``."""
+    return f"{output_spec}/done"
+
+
+class BlockMarkers:
+    """The finished-block map of one output."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+
+    @classmethod
+    def create(
+        cls, output_spec: str, grid: BlockGrid, voxel_size: tuple, offset: tuple
+    ) -> BlockMarkers:
+        """A fresh map (the output was just created, so nothing is finished)."""
+        volume = create_volume(
+            markers_spec(output_spec),
+            grid.grid_shape,
+            np.uint8,
+            chunks=(1, 1, 1),
+            voxel_size=[v * b for v, b in zip(voxel_size, grid.block_shape, strict=True)],
+            offset=offset,
+            attrs={"block_shape": list(grid.block_shape)},
+            ome=False,
+            compressor=None,
+        )
+        return cls(volume)
+
+    @classmethod
+    def open(cls, output_spec: str, grid: BlockGrid) -> BlockMarkers:
+        """The map of an existing output, checked against the block grid of this run."""
+        volume = open_volume(markers_spec(output_spec), "r+")
+        stored = volume.attrs.get("block_shape")
+        if volume.shape != grid.grid_shape or stored != list(grid.block_shape):
+            raise InvalidInputError(
+                f"{output_spec} was written with blocks of {stored}, not {list(grid.block_shape)}"
+                "; resume with the same block shape, or pass --overwrite"
+            )
+        return cls(volume)
+
+    def finished(self) -> np.ndarray:
+        """A flag per block, indexed by ``Block.block_id`` (one byte per block)."""
+        return self.volume[...].ravel() != 0
+
+    def mark(self, block: Block) -> None:
+        self.volume[Box(block.index, (1, 1, 1))] = 1

@@ -1,0 +1,318 @@
+"""The blockwise affinity engine: raw volume → affinities zarr, on any dask cluster.
+
+Blocks tile the volume (:class:`~ssn_deploy.geometry.BlockGrid`); each dask task predicts one
+block (:func:`~ssn_deploy.inference.block.predict_block`), writes its output chunk (chunks ==
+block shape, so no two tasks write one chunk) and then marks the block finished
+(:mod:`.done`). Blocks are submitted lazily with at most ``max_in_flight`` pending, so the
+scheduler holds O(in-flight) tasks whatever the volume size. The default cluster is an
+in-process ``LocalCluster`` of threads; ``scheduler="tcp://…"`` uses a running one (its workers
+must import ssn_deploy and reach the volumes by the same paths or URLs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ssn_deploy.errors import (
+    ConfigError,
+    InputNotFoundError,
+    InvalidInputError,
+    SsnDeployError,
+)
+from ssn_deploy.geometry import Block, BlockGrid, Box
+from ssn_deploy.inference.blend import PatchGrid
+from ssn_deploy.inference.block import predict_block
+from ssn_deploy.inference.checks import check_raw, describe
+from ssn_deploy.inference.done import BlockMarkers
+from ssn_deploy.inference.predictor import Predictor
+from ssn_deploy.volumes import Volume, create_volume, open_volume, overlaps
+
+log = logging.getLogger(__name__)
+
+OUT_DTYPES = {"uint8": 255.0, "float16": 1.0, "float32": 1.0}
+"""Stored dtype → scale (stored value = affinity × scale)."""
+
+PredictorFactory = Callable[[], Predictor]
+
+_local = threading.local()
+
+
+def cached_predictor(factory: PredictorFactory) -> Predictor:
+    """The predictor ``factory`` builds, built once per thread (not per block).
+
+    Keyed by dask's token of the factory (e.g. a ``functools.partial`` of
+    :func:`~ssn_deploy.inference.loader.load_predictor`), which survives the pickling each task
+    goes through; a thread keeps only its latest predictor, so memory stays bounded.
+    """
+    from dask.base import tokenize
+
+    key = tokenize(factory)
+    if getattr(_local, "key", None) != key:
+        _local.predictor, _local.key = factory(), key
+    return _local.predictor
+
+
+def _encode(aff: np.ndarray, out_dtype: str) -> np.ndarray:
+    if out_dtype == "uint8":
+        return np.rint(np.clip(aff, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return aff.astype(out_dtype)
+
+
+def _predict_and_write(
+    raw: Volume,
+    out: Volume,
+    markers: BlockMarkers,
+    factory: PredictorFactory,
+    grid: PatchGrid,
+    block: Block,
+    batch_size: int,
+) -> int | SsnDeployError:
+    """One dask task: predict a block, write its chunk, then mark it; returns its voxels.
+
+    A user error (e.g. a corrupt input chunk) is *returned*, so that the worker does not log
+    it as a crash with a traceback; the client raises it (the CLI prints one line).
+    """
+    try:
+        predictor = cached_predictor(factory)
+        aff = predict_block(raw, block.write_box, predictor, grid, batch_size)
+    except SsnDeployError as exc:
+        return type(exc)(f"block {block.block_id} (voxels {describe(block.write_box)}): {exc}")
+    out[block.write_box] = _encode(aff, out.dtype.name)
+    markers.mark(block)
+    return block.write_box.size
+
+
+@contextlib.contextmanager
+def _client(scheduler: Any, workers: int) -> Iterator[Any]:
+    """A dask client: the given one, one connected to an address, or an in-process cluster."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        yield scheduler
+    elif scheduler:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            yield client
+    else:
+        with (
+            LocalCluster(
+                processes=False,
+                n_workers=1,
+                threads_per_worker=workers,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtype: str) -> dict:
+    """What must not change between a run and its resumption (the device may)."""
+    used = predictor.provenance
+    return _jsonable(
+        {
+            "block_shape": blocks.block_shape,
+            "patch_shape": grid.patch_shape,
+            "margin": grid.margin,
+            "stride": grid.stride,
+            "out_dtype": out_dtype,
+            "model": used["model"],
+            "backend": used["backend"],
+            "precision": used["precision"],
+        }
+    )
+
+
+def _prepare_output(
+    out_spec: str,
+    raw: Volume,
+    predictor: Predictor,
+    blocks: BlockGrid,
+    settings: dict,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[Volume, BlockMarkers]:
+    """Create the output and its markers, or reopen them to resume after checking settings."""
+    if resume:
+        try:
+            out = open_volume(out_spec, "r+")
+        except InputNotFoundError:
+            out = None  # nothing to resume: start afresh
+        if out is not None:
+            stored = out.attrs.get("ssn_deploy", {}).get("settings") or {}
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {out_spec}: it was written with other settings "
+                    f"({', '.join(changed)}); pass --overwrite to start again"
+                )
+            return out, BlockMarkers.open(out_spec, blocks)
+    from ssn_deploy import __version__
+
+    attrs = {
+        "ssn_deploy": {
+            "command": "infer",
+            "stage": "affinities",
+            "version": __version__,
+            "source": raw.spec,
+            "offsets": [list(o) for o in predictor.offsets],
+            "scale": OUT_DTYPES[settings["out_dtype"]],
+            "settings": settings,
+            "predictor": predictor.provenance,
+        }
+    }
+    out = create_volume(
+        out_spec,
+        (predictor.num_channels, *raw.shape),
+        settings["out_dtype"],
+        chunks=(predictor.num_channels, *blocks.block_shape),
+        voxel_size=raw.voxel_size,
+        offset=raw.offset,
+        overwrite=overwrite,
+        attrs=attrs,
+    )
+    return out, BlockMarkers.create(out_spec, blocks, raw.voxel_size, raw.offset)
+
+
+def _check_not_input(raw: Volume, out_spec: str) -> None:
+    """Writing (or --overwrite deleting) the output must never touch the input."""
+    if overlaps(raw.spec, out_spec):
+        raise InvalidInputError(f"{out_spec} overlaps the input {raw.spec}; choose another output")
+
+
+def predict_affinities(
+    raw: str | Volume,
+    out_spec: str,
+    predictor_factory: PredictorFactory,
+    *,
+    block_shape: Sequence[int],
+    patch_shape: Sequence[int],
+    overlap: Sequence[int] | int = 0,
+    margin: Sequence[int] | None = None,
+    batch_size: int = 1,
+    scheduler: Any = None,
+    workers: int = 1,
+    max_in_flight: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    out_dtype: str = "uint8",
+    progress: bool = True,
+) -> Volume:
+    """Predict affinities of the 3D ``raw`` into the zarr ``out_spec`` (C×Z×Y×X) blockwise.
+
+    ``predictor_factory`` is a picklable zero-argument callable (e.g.
+    ``functools.partial(load_predictor, "model.ckpt", "torch", threads=1)``); each worker
+    thread calls it once. Patches (``patch_shape``, multiples of the model's granularity)
+    keep their core inside ``margin`` (default: the model's context) and overlap by
+    ``overlap`` voxels (see :mod:`.blend`). ``scheduler``: None (in-process cluster of
+    ``workers`` threads), a ``tcp://`` address or a ``distributed.Client``. ``max_in_flight``
+    defaults to twice the cluster's threads. ``resume`` continues an interrupted run with the
+    same settings; ``overwrite`` replaces an existing output. ``out_dtype``: uint8 (×255),
+    float16 or float32.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
+    if out_dtype not in OUT_DTYPES:
+        raise ConfigError(f"out dtype: expected one of {sorted(OUT_DTYPES)}, got {out_dtype!r}")
+    if batch_size < 1 or workers < 1 or (max_in_flight is not None and max_in_flight < 1):
+        raise ConfigError("batch size, workers and max in flight must be >= 1")
+    source = open_volume(raw) if isinstance(raw, str) else raw
+    predictor = cached_predictor(predictor_factory)
+    check_raw(source, predictor.voxel_size)
+    _check_not_input(source, out_spec)
+    grid = PatchGrid.plan(
+        patch_shape,
+        predictor.context if margin is None else margin,
+        overlap,
+        predictor.granularity,
+    )
+    try:
+        blocks = BlockGrid(Box.from_shape(source.shape), block_shape, context=0)
+    except ValueError as exc:
+        raise ConfigError(f"block shape: {exc}") from None
+    if any(m < c for m, c in zip(grid.margin, predictor.context, strict=True)):
+        log.warning(
+            "margin %s is smaller than the model's context %s: outputs near patch borders saw "
+            "padding (overlap blending hides, but does not remove, the seams)",
+            grid.margin,
+            predictor.context,
+        )
+    log.info(
+        "patches %s, margin %s, stride %s: %.2f model voxels per output voxel",
+        grid.patch_shape,
+        grid.margin,
+        grid.stride,
+        grid.cost(blocks.block_shape),
+    )
+    settings = _settings(predictor, grid, blocks, out_dtype)
+    out, markers = _prepare_output(
+        out_spec, source, predictor, blocks, settings, resume=resume, overwrite=overwrite
+    )
+    finished = markers.finished()
+    if finished.any():
+        log.info("skipping %d finished blocks", finished.sum())
+    pending = (b for b in blocks if not finished[b.block_id])
+    task = functools.partial(
+        _predict_and_write, source, out, markers, predictor_factory, grid, batch_size=batch_size
+    )
+    with _client(scheduler, workers) as client:
+        limit = max_in_flight or 2 * sum(client.nthreads().values())
+        _run(client, task, pending, limit, len(blocks), int(finished.sum()), progress)
+    return out
+
+
+def _run(
+    client: Any,
+    task: Callable[[Block], int | SsnDeployError],
+    pending: Iterator[Block],
+    limit: int,
+    total: int,
+    finished: int,
+    progress: bool,
+) -> None:
+    """Keep ``limit`` blocks in flight until none is left; cancel the rest on the first error."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    in_flight = as_completed()
+    for block in _take(pending, limit):
+        in_flight.add(client.submit(task, block, pure=False))
+    voxels, start = 0, time.perf_counter()
+    with tqdm(
+        total=total, initial=finished, desc="affinities", unit="block", disable=not progress
+    ) as bar:
+        for future in in_flight:
+            try:
+                result = future.result()
+                if isinstance(result, SsnDeployError):
+                    raise result
+            except BaseException:
+                client.cancel(list(in_flight.futures))
+                raise
+            voxels += result
+            bar.update()
+            bar.set_postfix_str(f"{voxels / (time.perf_counter() - start) / 1e6:.2f} MVox/s")
+            for block in _take(pending, 1):
+                in_flight.add(client.submit(task, block, pure=False))
+
+
+def _take(blocks: Iterator[Block], n: int) -> list[Block]:
+    return list(itertools.islice(blocks, n))

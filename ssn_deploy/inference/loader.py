@@ -1,0 +1,64 @@
+"""Build a :class:`~ssn_deploy.inference.predictor.Predictor` from a model file and a backend name.
+
+``load_predictor`` is what dask workers call (through ``functools.partial``) to build their
+predictor, so its arguments must be picklable: paths and options, never live sessions.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ssn_deploy.errors import ConfigError, InputNotFoundError
+from ssn_deploy.inference.predictor import Predictor
+
+BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx"}
+
+
+def default_model(backend: str) -> Path:
+    """The packaged model for ``backend`` (``ssn_deploy/assets/models/default.ckpt|.onnx``)."""
+    path = Path(str(resources.files("ssn_deploy") / "assets" / "models" / "default"))
+    path = path.with_suffix(BACKENDS[backend])
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"no packaged default model at {path}; pass a model file "
+            f"({' or '.join(BACKENDS.values())})"
+        )
+    return path
+
+
+def load_predictor(
+    model: str | Path,
+    backend: str = "torch",
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    threads: int | None = None,
+) -> Predictor:
+    """A predictor for ``model`` (a .ckpt for torch, an .onnx for onnxruntime, or "default").
+
+    ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; an ONNX graph runs in
+    the precision it was exported with.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
+    path = default_model(backend) if str(model) == "default" else Path(model)
+    if path.suffix != BACKENDS[backend]:
+        raise ConfigError(
+            f"the {backend} backend runs {BACKENDS[backend]} models, got {path}; "
+            "choose the backend that matches the file"
+        )
+    if backend == "torch":
+        from ssn_deploy.inference.torch_backend import TorchPredictor
+
+        return TorchPredictor.from_checkpoint(
+            path, device=device, precision=precision, compile=compile, threads=threads
+        )
+    if precision != "fp32" or compile:
+        raise ConfigError(
+            "onnxruntime runs the graph as exported: --precision and --compile apply to torch"
+        )
+    from ssn_deploy.inference.onnx_backend import OnnxPredictor
+
+    return OnnxPredictor(path, device=device, threads=threads)

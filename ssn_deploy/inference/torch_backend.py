@@ -1,0 +1,100 @@
+"""A :class:`~ssn_deploy.inference.predictor.Predictor` running a torch module (CPU or CUDA).
+
+Reduced precision uses autocast (weights stay fp32), so one checkpoint serves every precision;
+bf16 is ~2.7× faster than fp32 on CPUs with AVX512-BF16; affinities move by ~1e-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssn_deploy.errors import ConfigError, InvalidInputError
+from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
+
+
+class TorchPredictor(SpecGeometry):
+    """Eval-mode ``model`` under ``torch.inference_mode`` and optional autocast.
+
+    ``threads`` sets torch's intra-op threads, which is process-wide: give each of k
+    concurrent dask threads ``cores / k``. ``compile=True`` wraps the model in
+    ``torch.compile`` (compiles on the first batch of each shape).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        compile: bool = False,
+        threads: int | None = None,
+        name: str = "in-memory",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = _device(device)
+        self.precision = precision
+        self._model = model.to(self.device).eval()
+        self._forward = torch.compile(self._model) if compile else self._model
+        self._provenance = {
+            "model": name,
+            "backend": "torch",
+            "device": str(self.device),
+            "precision": precision,
+            "compile": compile,
+            "torch": torch.__version__,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **options: Any) -> TorchPredictor:
+        from ssn_deploy.models.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        spec = ModelSpec.from_checkpoint(checkpoint)
+        return cls(checkpoint.model, spec, name=str(path), **options)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self._provenance)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.check_batch(batch)
+        dtype = PRECISIONS[self.precision]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
+        ):
+            y = self._forward(x)
+        out = y.float().cpu().numpy()
+        if out.shape[1] != self.num_channels or out.shape[2:] != batch.shape[2:]:
+            raise InvalidInputError(
+                f"model {self._provenance['model']} returned {out.shape} for input "
+                f"{batch.shape}; expected {self.num_channels} channels, same Z,Y,X"
+            )
+        return out
