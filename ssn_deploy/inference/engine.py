@@ -11,14 +11,11 @@ must import ssn_deploy and reach the volumes by the same paths or URLs).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +32,7 @@ from ssn_deploy.inference.block import predict_block
 from ssn_deploy.inference.checks import check_raw, describe
 from ssn_deploy.inference.done import BlockMarkers
 from ssn_deploy.inference.predictor import Predictor
+from ssn_deploy.inference.scheduling import dask_client, run_blocks
 from ssn_deploy.volumes import Volume, create_volume, open_volume, overlaps
 
 log = logging.getLogger(__name__)
@@ -90,33 +88,6 @@ def _predict_and_write(
     out[block.write_box] = _encode(aff, out.dtype.name)
     markers.mark(block)
     return block.write_box.size
-
-
-@contextlib.contextmanager
-def _client(scheduler: Any, workers: int) -> Iterator[Any]:
-    """A dask client: the given one, one connected to an address, or an in-process cluster."""
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        yield scheduler
-    elif scheduler:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
-        with client:
-            yield client
-    else:
-        with (
-            LocalCluster(
-                processes=False,
-                n_workers=1,
-                threads_per_worker=workers,
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
 
 
 def _jsonable(value: Any) -> Any:
@@ -273,46 +244,9 @@ def predict_affinities(
     task = functools.partial(
         _predict_and_write, source, out, markers, predictor_factory, grid, batch_size=batch_size
     )
-    with _client(scheduler, workers) as client:
+    with dask_client(scheduler, workers) as client:
         limit = max_in_flight or 2 * sum(client.nthreads().values())
-        _run(client, task, pending, limit, len(blocks), int(finished.sum()), progress)
+        run_blocks(
+            client, task, pending, limit, len(blocks), int(finished.sum()), progress, "affinities"
+        )
     return out
-
-
-def _run(
-    client: Any,
-    task: Callable[[Block], int | SsnDeployError],
-    pending: Iterator[Block],
-    limit: int,
-    total: int,
-    finished: int,
-    progress: bool,
-) -> None:
-    """Keep ``limit`` blocks in flight until none is left; cancel the rest on the first error."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    in_flight = as_completed()
-    for block in _take(pending, limit):
-        in_flight.add(client.submit(task, block, pure=False))
-    voxels, start = 0, time.perf_counter()
-    with tqdm(
-        total=total, initial=finished, desc="affinities", unit="block", disable=not progress
-    ) as bar:
-        for future in in_flight:
-            try:
-                result = future.result()
-                if isinstance(result, SsnDeployError):
-                    raise result
-            except BaseException:
-                client.cancel(list(in_flight.futures))
-                raise
-            voxels += result
-            bar.update()
-            bar.set_postfix_str(f"{voxels / (time.perf_counter() - start) / 1e6:.2f} MVox/s")
-            for block in _take(pending, 1):
-                in_flight.add(client.submit(task, block, pure=False))
-
-
-def _take(blocks: Iterator[Block], n: int) -> list[Block]:
-    return list(itertools.islice(blocks, n))

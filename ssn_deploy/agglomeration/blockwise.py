@@ -1,0 +1,242 @@
+"""Blockwise segmentation of an affinity volume into one globally consistent segmentation.
+
+Three dask passes over the same block grid (chunks == blocks, so no two tasks write one chunk):
+
+1. **fragments** — fragments are defined on a *global tile lattice* (``fragment_tile``): each
+   tile floods a seeded watershed over its affinities grown by ``FRAGMENT_CONTEXT`` voxels and
+   keeps its core, with ids ``tile_id · voxels_per_tile + local id``, unique by construction.
+   A block (a multiple of the tile) computes its tiles, so fragments, and therefore the final
+   segmentation, do not depend on the block grid: scheduling never changes results;
+2. **edge statistics** — each block counts the affinity edges that start at its own voxels,
+   including those reaching into its neighbours (it reads a rim of their fragments), so the
+   sum over blocks is exactly the statistics of the whole volume; the client reduces them and
+   agglomerates once (:mod:`.hierarchical`);
+3. **relabel** — each block maps its fragments through the lookup table.
+
+Fragments and segmentation blocks are marked when written (:mod:`ssn_deploy.inference.done`),
+so a rerun with ``resume`` skips them; edge statistics are recomputed (cheap: one pass of
+integer comparisons). The region graph lives in the client's memory: O(fragment pairs), about
+2 kB per edge with its histogram — the limit past which a hierarchical (per super-block)
+reduction is needed (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import fastremap
+import numpy as np
+
+from ssn_deploy import __version__
+from ssn_deploy.affinities import Offset, validate_offsets
+from ssn_deploy.agglomeration.fragments import watershed_fragments
+from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, relabel
+from ssn_deploy.agglomeration.region_graph import EdgeStats, edge_statistics, merge_edge_stats
+from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
+from ssn_deploy.geometry import Block, BlockGrid, Box
+from ssn_deploy.inference.done import BlockMarkers
+from ssn_deploy.inference.scheduling import dask_client, run_blocks
+from ssn_deploy.volumes import Volume, create_volume, open_volume
+
+log = logging.getLogger(__name__)
+
+FRAGMENT_CONTEXT = 8
+"""Voxels of affinities each block reads beyond its core for the watershed (clipped)."""
+REDUCE_EVERY = 64
+"""Edge statistics of this many blocks are summed into one table as they arrive."""
+
+
+def read_affinities(affs: Volume, box: Box) -> np.ndarray:
+    """Affinities of ``box`` as float32 in [0, 1], whatever their stored dtype."""
+    scale = float(
+        affs.attrs.get("ssn_deploy", {}).get("scale", 255.0 if affs.dtype == np.uint8 else 1.0)
+    )
+    data = affs[box]
+    return data.astype(np.float32) / np.float32(scale) if scale != 1.0 else data.astype(np.float32)
+
+
+def _offsets_of(affs: Volume, offsets: Sequence[Offset] | None) -> tuple[Offset, ...]:
+    stored = affs.attrs.get("ssn_deploy", {}).get("offsets")
+    chosen = offsets if offsets is not None else stored
+    if chosen is None:
+        raise InvalidInputError(f"{affs.spec}: no affinity offsets in its attributes; pass them")
+    chosen = validate_offsets(chosen)
+    if affs.ndim != 4 or affs.shape[0] != len(chosen):
+        raise InvalidInputError(
+            f"{affs.spec}: expected affinities C×Z×Y×X with C = {len(chosen)} offsets, "
+            f"got shape {affs.shape}"
+        )
+    return chosen
+
+
+def _fragment_block(
+    affs: Volume,
+    out: Volume,
+    markers: BlockMarkers,
+    offsets: tuple[Offset, ...],
+    anisotropic: bool,
+    tiles: BlockGrid,
+    block: Block,
+) -> int:
+    total = tiles.total
+    first_tile = [b // t for b, t in zip(block.write_box.begin, tiles.block_shape, strict=True)]
+    last_tile = [-(-e // t) for e, t in zip(block.write_box.end, tiles.block_shape, strict=True)]
+    result = np.empty(block.write_box.shape, np.uint64)
+    tile_voxels = int(np.prod(tiles.block_shape))
+    for index in itertools.product(
+        *(range(a, b) for a, b in zip(first_tile, last_tile, strict=True))
+    ):
+        tile = tiles.block(index)
+        read = tile.write_box.grow(FRAGMENT_CONTEXT).intersect(total)
+        frags = watershed_fragments(
+            read_affinities(affs, read), offsets=offsets, anisotropic=anisotropic
+        )
+        core = np.ascontiguousarray(frags[tile.write_box.relative_to(read).slices])
+        local, _ = fastremap.renumber(core, start=0)  # pieces 1..n inside the tile's id range
+        first = np.uint64(tile.block_id * tile_voxels + 1)
+        result[tile.write_box.relative_to(block.write_box).slices] = local.astype(np.uint64) + first
+    out[block.write_box] = result
+    markers.mark(block)
+    return block.write_box.size
+
+
+def _edge_block(
+    affs: Volume, frags: Volume, offsets: tuple[Offset, ...], block: Block
+) -> tuple[int, EdgeStats]:
+    total = Box.from_shape(frags.shape)
+    reach = np.abs(np.asarray(offsets)).max(axis=0)
+    read = block.write_box.grow(reach).intersect(total)
+    owned = np.zeros(read.shape, dtype=bool)
+    owned[block.write_box.relative_to(read).slices] = True
+    stats = edge_statistics(read_affinities(affs, read), frags[read], offsets, owned=owned)
+    return block.write_box.size, stats
+
+
+def _relabel_block(
+    frags: Volume, out: Volume, markers: BlockMarkers, lookup: dict[int, int], block: Block
+) -> int:
+    out[block.write_box] = relabel(frags[block.write_box], lookup)
+    markers.mark(block)
+    return block.write_box.size
+
+
+def _blockwise_output(
+    spec: str, like: Volume, grid: BlockGrid, attrs: dict, *, resume: bool, overwrite: bool
+) -> tuple[Volume, BlockMarkers]:
+    if resume:
+        try:
+            return open_volume(spec, "r+"), BlockMarkers.open(spec, grid)
+        except InputNotFoundError:
+            pass
+    vol = create_volume(
+        spec,
+        like.shape[-3:],
+        np.uint64,
+        chunks=grid.block_shape,
+        voxel_size=like.voxel_size,
+        offset=like.offset,
+        overwrite=overwrite or resume,
+        attrs=attrs,
+    )
+    return vol, BlockMarkers.create(spec, grid, like.voxel_size, like.offset)
+
+
+def _run_stage(
+    client: Any, task: Any, grid: BlockGrid, markers: BlockMarkers | None, progress: bool, desc: str
+) -> None:
+    finished = markers.finished() if markers is not None else np.zeros(len(grid), bool)
+    if finished.any():
+        log.info("%s: skipping %d finished blocks", desc, int(finished.sum()))
+    pending = (b for b in grid if not finished[b.block_id])
+    limit = 2 * sum(client.nthreads().values())
+    run_blocks(client, task, pending, limit, len(grid), int(finished.sum()), progress, desc)
+
+
+def segment_blockwise(
+    affinities: str | Volume,
+    fragments_spec: str,
+    segmentation_spec: str,
+    *,
+    threshold: float = 0.5,
+    block_shape: Sequence[int],
+    fragment_tile: Sequence[int] = (64, 64, 64),
+    offsets: Sequence[Offset] | None = None,
+    anisotropic: bool = False,
+    scheduler: Any = None,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Volume, MergeHistory]:
+    """Affinities (C×Z×Y×X zarr) → fragments and a uint64 segmentation at ``threshold``.
+
+    Returns the segmentation and the merge history (whose ``lookup(t)`` gives any other
+    threshold below 1 without recomputation).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
+    affs = open_volume(affinities) if isinstance(affinities, str) else affinities
+    offsets = _offsets_of(affs, offsets)
+    try:
+        grid = BlockGrid(Box.from_shape(affs.shape[1:]), block_shape, context=0)
+        tiles = BlockGrid(grid.total, fragment_tile, context=0)
+    except ValueError as exc:
+        raise ConfigError(f"block shape: {exc}") from None
+    if any(b % t for b, t in zip(grid.block_shape, tiles.block_shape, strict=True)):
+        raise ConfigError(
+            f"block shape {grid.block_shape} must be a multiple of the fragment tile "
+            f"{tiles.block_shape}"
+        )
+    provenance = {
+        "version": __version__,
+        "source": affs.spec,
+        "offsets": [list(o) for o in offsets],
+        "block_shape": list(grid.block_shape),
+        "fragment_tile": list(tiles.block_shape),
+        "fragment_context": FRAGMENT_CONTEXT,
+        "anisotropic": anisotropic,
+    }
+    frags, frag_markers = _blockwise_output(
+        fragments_spec,
+        affs,
+        grid,
+        {"ssn_deploy": provenance | {"stage": "fragments"}},
+        resume=resume,
+        overwrite=overwrite,
+    )
+    with dask_client(scheduler, workers) as client:
+        task = functools.partial(
+            _fragment_block, affs, frags, frag_markers, offsets, anisotropic, tiles
+        )
+        _run_stage(client, task, grid, frag_markers, progress, "fragments")
+        parts: list[EdgeStats] = []
+
+        def consume(result: tuple[int, EdgeStats]) -> int:
+            parts.append(result[1])
+            if len(parts) >= REDUCE_EVERY:  # keep the client's memory O(distinct edges)
+                parts[:] = [merge_edge_stats(parts)]
+            return result[0]
+
+        task = functools.partial(_edge_block, affs, frags, offsets)
+        limit = 2 * sum(client.nthreads().values())
+        run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
+        stats = merge_edge_stats(parts)
+        log.info("region graph: %d edges", len(stats))
+        history = agglomerate(stats, stop=threshold)
+        lookup = history.lookup(threshold)
+        attrs = provenance | {
+            "stage": "segmentation",
+            "threshold": threshold,
+            "merge_function": "aff50_his256",
+            "fragments": frags.spec,
+        }
+        seg, seg_markers = _blockwise_output(
+            segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
+        )
+        task = functools.partial(_relabel_block, frags, seg, seg_markers, lookup)
+        _run_stage(client, task, grid, seg_markers, progress, "segmentation")
+    return seg, history
