@@ -220,7 +220,7 @@ def predict_affinities(
     except ValueError as exc:
         raise ConfigError(f"block shape: {exc}") from None
     if any(m < c for m, c in zip(grid.margin, predictor.context, strict=True)):
-        log.warning(
+        log.info(
             "margin %s is smaller than the model's context %s: outputs near patch borders saw "
             "padding (overlap blending hides, but does not remove, the seams)",
             grid.margin,
