@@ -1,0 +1,111 @@
+"""``ssn-deploy infer`` end to end on real EM data with a small model: outputs, refusals, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from ssn_deploy.cli import main
+from ssn_deploy.models import ModelConfig, Normalization, build_model, save_checkpoint
+from ssn_deploy.volumes import create_volume, open_volume
+from tests.conftest import sha256
+
+OPTIONS = ["--block-shape", "32,64,64", "--patch-shape", "32,64,64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def workspace(medulla_250: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    with h5py.File(medulla_250, "r") as f:
+        raw = f["volumes/raw"][125:189, :64, :128]
+    vol = create_volume(str(root / "raw.zarr"), raw.shape, np.uint8, voxel_size=(10, 10, 10))
+    vol[...] = raw
+    torch.manual_seed(0)
+    config = ModelConfig(filters=(4, 8), poolings=((2, 2, 2),), embed_kernel=(3, 3, 3))
+    save_checkpoint(
+        root / "tiny.ckpt",
+        build_model(config),
+        normalization=Normalization(),
+        voxel_size=(10, 10, 10),
+    )
+    return root
+
+
+def infer(workspace: Path, out: str, *extra: str):
+    args = [
+        "infer",
+        str(workspace / "raw.zarr"),
+        "-o",
+        out,
+        "--model",
+        str(workspace / "tiny.ckpt"),
+    ]
+    return CliRunner().invoke(main, [*args, *OPTIONS, *extra])
+
+
+def test_infer_writes_all_stages_with_provenance_and_preview(workspace: Path) -> None:
+    digest = sha256(workspace / "raw.zarr")
+    out = str(workspace / "seg.zarr")
+    result = infer(workspace, out)
+    assert result.exit_code == 0, result.output
+    affs = open_volume(f"{out}/affinities")
+    seg = open_volume(f"{out}/segmentation")
+    frags = open_volume(f"{out}/fragments")
+    assert affs.shape == (3, 64, 64, 128) and affs.dtype == np.uint8
+    assert seg.shape == frags.shape == (64, 64, 128) and seg.dtype == np.uint64
+    assert seg.voxel_size == (10.0, 10.0, 10.0)
+    assert seg[...].min() > 0, "every voxel belongs to a segment"
+    assert affs.attrs["ssn_deploy"]["predictor"]["model"].endswith("tiny.ckpt")
+    assert seg.attrs["ssn_deploy"]["threshold"] == 0.5
+    preview = workspace / "seg.preview.png"
+    assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sha256(workspace / "raw.zarr") == digest
+
+
+def test_existing_output_is_refused_and_resume_finishes_it(workspace: Path) -> None:
+    out = str(workspace / "again.zarr")
+    assert infer(workspace, out).exit_code == 0
+    reference = open_volume(f"{out}/segmentation")[...]
+    refused = infer(workspace, out)
+    assert refused.exit_code == 1
+    assert refused.output.strip().splitlines() == [
+        f"error: {out} already exists; pass --resume to continue it or --overwrite to replace it"
+    ]
+    # a run killed during segmentation: two blocks not yet marked
+    done = open_volume(f"{out}/segmentation/done", "r+")
+    flags = done[...]
+    flags.ravel()[:2] = 0
+    done[...] = flags
+    resumed = infer(workspace, out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    np.testing.assert_array_equal(open_volume(f"{out}/segmentation")[...], reference)
+
+
+def test_bad_inputs_fail_with_one_line(workspace: Path, tmp_path: Path) -> None:
+    flat = zarr.create_array(str(tmp_path / "flat.zarr"), shape=(64, 64), dtype=np.uint8)
+    flat.attrs["voxel_size"] = [10, 10]
+    for volume, message in [
+        (str(tmp_path / "missing.zarr"), "no such zarr store"),
+        (str(tmp_path / "flat.zarr"), "3D"),
+    ]:
+        result = CliRunner().invoke(
+            main,
+            [
+                "infer",
+                volume,
+                "-o",
+                str(tmp_path / "o.zarr"),
+                "--model",
+                str(workspace / "tiny.ckpt"),
+            ],
+        )
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "o.zarr").exists()
