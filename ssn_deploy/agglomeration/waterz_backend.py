@@ -58,9 +58,11 @@ def agglomerate_waterz(
     affs = np.ascontiguousarray(affs[: len(DEFAULT_OFFSETS)], dtype=np.float32)
     # waterz sizes its tables by the largest id: renumber to 1..n, keeping the ids' order
     # (waterz breaks score ties by edge order, which follows the ids)
-    ids, inverse = np.unique(np.asarray(fragments, dtype=np.uint64), return_inverse=True)
-    frags = (inverse.reshape(np.shape(fragments)) + 1).astype(np.uint64)
-    back = dict(zip(range(1, len(ids) + 1), ids.tolist(), strict=True))
+    fragments = np.asarray(fragments, dtype=np.uint64)
+    ids = fastremap.unique(fragments)  # sorted
+    order = {int(old): new for new, old in enumerate(ids.tolist(), start=1)}
+    frags = fastremap.remap(fragments, order).astype(np.uint64)
+    back = {new: old for old, new in order.items()}
     with _quiet_stdout():
         results = [
             fastremap.remap(seg, back, preserve_missing_labels=True)
