@@ -31,11 +31,10 @@ def parse_triple(value: str | None, name: str) -> tuple[float, float, float] | N
     """Parse ``"Z,Y,X"`` into three floats (voxel sizes, offsets, shapes)."""
     if value is None:
         return None
-    parts = value.replace("x", ",").split(",")
     try:
-        numbers = tuple(float(p) for p in parts)
+        numbers = tuple(float(p) for p in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected three numbers Z,Y,X, got {value!r}", param_hint=name)
+        numbers = ()
     if len(numbers) != 3:
         raise click.BadParameter(f"expected three numbers Z,Y,X, got {value!r}", param_hint=name)
     return numbers  # type: ignore[return-value]
@@ -56,9 +55,425 @@ def main(verbose: int) -> None:
 
 # --- convert (owner: volumes) -------------------------------------------------------------------
 
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--chunks", help="Chunk shape Z,Y,X in voxels [default: ~2 MiB, isotropic in nm].")
+@click.option("--voxel-size", help="Voxel size Z,Y,X in nm; overrides the stored one.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def convert(
+    src: str,
+    dst: str,
+    chunks: str | None,
+    voxel_size: str | None,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Copy the volume SRC into the OME-Zarr DST, chunk by chunk.
+
+    \b
+    SRC is one of:
+      FILE.hdf:DATASET    HDF5 (.hdf/.h5/.hdf5), e.g. data.hdf:volumes/raw
+      PATH.zarr[:NODE]    zarr v3/v2 array or OME-Zarr group (also memory://, s3:// URLs)
+      PATH.n5:DATASET     N5
+      STACK.tif           multi-page TIFF, or a directory of 2D TIFF sections
+    DST is PATH.zarr (or PATH.zarr:NODE). Voxel size and offset are carried over.
+
+    Example: ssn-deploy convert data.hdf:volumes/raw raw.zarr
+    """
+    from ssn_deploy.volumes import convert as convert_volume
+
+    out = convert_volume(
+        src,
+        dst,
+        chunks=parse_triple(chunks, "--chunks"),
+        voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
+    size = "x".join(f"{v:g}" for v in out.voxel_size or ())
+    click.echo(
+        f"wrote {dst}: shape {out.shape}, {out.dtype}, voxel size {size} nm, chunks {out.chunks}"
+    )
+
+
 # --- evaluate (owner: metrics) ------------------------------------------------------------------
 
+
+def _evaluation_table(report: dict) -> str:
+    """The human-readable form of an ``evaluate`` report."""
+    ignored = ", ".join(str(i) for i in report["ignored_ids"])
+    rows = [
+        ("VOI split  H(seg|gt)", f"{report['voi_split']:.4f} bits"),
+        ("VOI merge  H(gt|seg)", f"{report['voi_merge']:.4f} bits"),
+        ("VOI total", f"{report['voi']:.4f} bits"),
+        ("adapted Rand error", f"{report['arand']:.4f}"),
+        ("  Rand precision", f"{report['rand_precision']:.4f}  (higher is better)"),
+        ("  Rand recall", f"{report['rand_recall']:.4f}  (higher is better)"),
+        ("CREMI score", f"{report['cremi_score']:.4f}"),
+        ("split gt bodies", f"{report['n_split_bodies']} of {report['n_gt_bodies']}"),
+        ("merged segments", f"{report['n_merged_segments']} of {report['n_seg_segments']}"),
+        ("voxels evaluated", f"{report['n_voxels_evaluated']:,}"),
+        ("voxels ignored", f"{report['n_voxels_ignored']:,} (gt ids {ignored})"),
+    ]
+    lines = [f"segmentation  {report['segmentation']}", f"ground truth  {report['ground_truth']}"]
+    lines += [f"  {name:<22} {value}" for name, value in rows]
+    lines.append(
+        "Lower is better for VOI, ARAND and CREMI score; split/merge counts use majority"
+        f" overlaps of >= {report['min_overlap']} voxels."
+    )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("seg")
+@click.argument("gt")
+@click.option(
+    "--ignore-id",
+    "ignore_ids",
+    multiple=True,
+    type=click.IntRange(0, 2**64 - 1),
+    metavar="ID",
+    help="Also ignore this ground-truth id (repeatable), e.g. a glia or catch-all body.",
+)
+@click.option(
+    "--min-overlap",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Voxels a majority overlap needs to count towards split/merge counts.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="Also write the JSON report to this file."
+)
+@click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
+def evaluate(
+    seg: str,
+    gt: str,
+    ignore_ids: tuple[int, ...],
+    min_overlap: int,
+    as_json: bool,
+    output: str | None,
+    overwrite: bool,
+) -> None:
+    """Compare the segmentation SEG with the ground truth GT (label volumes, z,y,x).
+
+    \b
+    SEG and GT are volume specs (x.zarr, f.hdf:volumes/labels/neuron_ids, ...) of equal
+    shape, integer ids and, where both are known, equal voxel sizes. Lower is better for
+    every error; logarithms are base 2 (bits).
+      VOI split    H(SEG | GT): over-segmentation (gt bodies cut into several segments)
+      VOI merge    H(GT | SEG): under-segmentation (segments spanning several gt bodies)
+      VOI total    split + merge
+      ARAND        adapted Rand error = 1 - F-score of Rand precision (pairs of voxels in
+                   one segment that are in one gt body) and recall (pairs in one gt body
+                   that are in one segment), as in skimage.metrics.adapted_rand_error
+      CREMI score  sqrt(VOI total * ARAND)
+      split / merged counts  gt bodies to which >= 2 segments are assigned, and segments to
+                   which >= 2 gt bodies are assigned, each by its largest overlap of at
+                   least --min-overlap voxels (diagnostics, not metrics)
+
+    \b
+    Zeros: GT voxels that are 0 (background/unknown), or carry an --ignore-id, are left out
+    of every metric. A 0 in SEG is one ordinary segment, so unlabelled voxels count as one
+    big merge: an all-zero prediction scores badly, never well.
+
+    \b
+    Example:
+      ssn-deploy evaluate seg.zarr gt.hdf:volumes/labels/neuron_ids --ignore-id 135478
+    """
+    import json
+    from pathlib import Path
+
+    from ssn_deploy.errors import OutputExistsError
+    from ssn_deploy.metrics import evaluate as evaluate_volumes
+    from ssn_deploy.volumes import open_volume
+
+    if output is not None and Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
+    with open_volume(seg) as seg_vol, open_volume(gt) as gt_vol:
+        scores = evaluate_volumes(seg_vol, gt_vol, ignore_ids=ignore_ids, min_overlap=min_overlap)
+    report = {"segmentation": seg, "ground_truth": gt, "version": __version__, **scores}
+    text = json.dumps(report, indent=2)
+    if output is not None:
+        Path(output).write_text(text + "\n")
+    click.echo(text if as_json else _evaluation_table(report))
+
+
 # --- train (owner: training) --------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    default="runs/train",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (checkpoints, logs).",
+)
+@click.option("--iterations", type=click.IntRange(min=1), help="Override training.iterations.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override training.device.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Override training.lr.")
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last.ckpt.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing RUN_DIR first.")
+def train(config: str, run_dir: str, iterations: int | None, device: str | None,
+          lr: float | None, resume: bool, overwrite: bool) -> None:  # fmt: skip
+    """Train an affinity model from CONFIG.yaml (supervised warm-up)."""
+    import functools
+
+    from ssn_deploy.agglomeration import segment_affinities
+    from ssn_deploy.training import load_config
+    from ssn_deploy.training import train as run_training
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    cfg = load_config(config)
+    segmenter = functools.partial(
+        segment_affinities,
+        threshold=list(cfg.validation.thresholds),
+        offsets=cfg.model.offsets,
+        anisotropic=not cfg.data.isotropic,
+    )
+    best = run_training(cfg, run_dir, iterations=iterations, device=device, lr=lr,
+                        resume=resume, overwrite=overwrite, segmenter=segmenter)  # fmt: skip
+    click.echo(str(best))
+
+
+# --- infer / segment (owner: lead) --------------------------------------------------------------
+
+
+def _int_triple(value: str | None, name: str) -> tuple[int, int, int] | None:
+    numbers = parse_triple(value, name)
+    if numbers is None:
+        return None
+    if any(n != int(n) or n < 1 for n in numbers):
+        raise click.BadParameter(
+            f"expected three positive integers, got {value!r}", param_hint=name
+        )
+    return tuple(int(n) for n in numbers)  # type: ignore[return-value]
+
+
+def _quiet_dask(verbose: int) -> None:
+    """dask logs INFO on its own; keep it quiet unless the user asked for -vv."""
+    if verbose < 2:
+        import distributed  # noqa: F401  (it sets its own log levels on import)
+
+        for name in ("distributed", "dask"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("volume")
+@click.option(
+    "-o", "--output", default=None, help="Output group OUT.zarr [default: VOLUME stem + .ssn.zarr]."
+)
+@click.option(
+    "--model",
+    default="default",
+    show_default=True,
+    help="'default' (packaged), FILE.ckpt (torch) or FILE.onnx (onnxruntime).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnxruntime"]),
+    default=None,
+    help="Defaults to the one matching --model.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="torch autocast precision (bf16 is fastest on CPUs with AVX512-BF16).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Agglomeration stops at this score (1 - median boundary affinity).",
+)
+@click.option(
+    "--block-shape", default=None, help="Z,Y,X voxels per block [default: from the voxel size]."
+)
+@click.option(
+    "--patch-shape", default=None, help="Z,Y,X model input per patch [default: from the model]."
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="dask.distributed scheduler address (tcp://host:port) [default: in-process].",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker threads of the in-process cluster.",
+)
+@click.option("--voxel-size", default=None, help="Z,Y,X nm, if the volume does not say.")
+@click.option("--resume", is_flag=True, help="Continue a killed run; finished blocks are skipped.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-preview", is_flag=True, help="Do not write the PNG preview.")
+@click.pass_context
+def infer(
+    ctx: click.Context,
+    volume: str,
+    output: str | None,
+    model: str,
+    backend: str | None,
+    device: str,
+    precision: str,
+    threshold: float,
+    block_shape: str | None,
+    patch_shape: str | None,
+    scheduler: str | None,
+    workers: int,
+    voxel_size: str | None,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+    no_preview: bool,
+) -> None:
+    """Segment neurons in VOLUME (uint8 raw, z,y,x): affinities, fragments, segmentation.
+
+    Writes OUT.zarr with arrays affinities (C,Z,Y,X uint8 x255), fragments and segmentation
+    (uint64, 0 = none), each with provenance attributes, plus OUT.preview.png. Blocks are
+    processed by dask (in-process by default, --scheduler for a cluster) and recorded when
+    done, so --resume continues a killed run.
+
+    Example: ssn-deploy sample demo && ssn-deploy infer demo/raw.zarr -o demo/seg.zarr
+    """
+    from ssn_deploy.pipeline import infer as run_infer
+
+    _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    if backend is None:
+        backend = "onnxruntime" if model.endswith(".onnx") else "torch"
+    out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
+    result = run_infer(
+        volume,
+        out,
+        model=model,
+        backend=backend,
+        device=device,
+        precision=precision,
+        threshold=threshold,
+        block_shape=_int_triple(block_shape, "--block-shape"),
+        patch_shape=_int_triple(patch_shape, "--patch-shape"),
+        scheduler=scheduler,
+        workers=workers,
+        voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        resume=resume,
+        overwrite=overwrite,
+        progress=not no_progress,
+        preview=not no_preview,
+    )
+    seconds = sum(result["timings"].values())
+    click.echo(f"segmentation: {result['segmentation']}")
+    click.echo(f"affinities:   {result['affinities']}")
+    if "preview" in result:
+        click.echo(f"preview:      {result['preview']}")
+    rate = result["voxels"] / seconds / 1e6
+    click.echo(f"{result['voxels']:,} voxels in {seconds:.1f} s ({rate:.2f} MVox/s)")
+
+
+@main.command()
+@click.argument("affinities")
+@click.option(
+    "-o", "--output", required=True, help="Output group OUT.zarr (fragments, segmentation)."
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Agglomeration stops at this score (1 - median boundary affinity).",
+)
+@click.option(
+    "--block-shape",
+    default="128,256,256",
+    show_default=True,
+    help="Z,Y,X voxels per block (a multiple of --tile).",
+)
+@click.option(
+    "--tile",
+    default="64,128,128",
+    show_default=True,
+    help="Z,Y,X fragment tile (results depend on it, not on blocks).",
+)
+@click.option("--anisotropic", is_flag=True, help="2D fragments per section (serial-section EM).")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue a killed run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def segment(
+    ctx: click.Context,
+    affinities: str,
+    output: str,
+    threshold: float,
+    block_shape: str,
+    tile: str,
+    anisotropic: bool,
+    scheduler: str | None,
+    workers: int,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Agglomerate AFFINITIES (C,Z,Y,X zarr written by infer) into a segmentation.
+
+    Fragments (seeded watershed per tile) are merged by median boundary affinity
+    (waterz aff50_his256) until --threshold, over one global region graph.
+    """
+    from ssn_deploy.agglomeration.blockwise import segment_blockwise
+
+    _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    seg, history = segment_blockwise(
+        affinities,
+        f"{output}/fragments",
+        f"{output}/segmentation",
+        threshold=threshold,
+        block_shape=_int_triple(block_shape, "--block-shape"),
+        fragment_tile=_int_triple(tile, "--tile"),
+        anisotropic=anisotropic,
+        scheduler=scheduler,
+        workers=workers,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
+    counts = f"{len(history.fragments):,} fragments, {len(history.score):,} merges"
+    click.echo(f"segmentation: {seg.spec} ({counts})")
+
+
+# --- sample (owner: lead) ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace raw.zarr/labels.zarr if they exist.")
+def sample(directory: str, overwrite: bool) -> None:
+    """Write the bundled demo volume into DIRECTORY as raw.zarr and labels.zarr (OME-Zarr).
+
+    A 80x160x160 crop (10 nm isotropic FIB-SEM, Drosophila medulla) of the test region of
+    fib_medulla_250, with dense neuron labels. FlyEM / HHMI Janelia, CC BY 3.0.
+    """
+    from ssn_deploy.sample import ATTRIBUTION, write_sample
+
+    written = write_sample(directory, overwrite=overwrite)
+    for name, vol in written.items():
+        click.echo(f"{name}: {vol.spec} shape={vol.shape} dtype={vol.dtype}")
+    click.echo(f"source: {ATTRIBUTION}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,9 +88,9 @@ def test_encoder_embeds_to_last_filter_count_and_shares_weights() -> None:
 
 def test_model_config_round_trip_and_errors() -> None:
     assert ModelConfig.from_dict(SMALL.to_dict()) == SMALL
-    with pytest.raises(ConfigError, match="model.poolings"):
+    with pytest.raises(ConfigError, match=r"model\.poolings"):
         ModelConfig(filters=(4, 8), poolings=((1, 2, 2), (1, 2, 2)))
-    with pytest.raises(ConfigError, match="model.skip"):
+    with pytest.raises(ConfigError, match=r"model\.skip"):
         ModelConfig(skip="sum")
     with pytest.raises(ConfigError, match="model: unknown key"):
         ModelConfig.from_dict({"filterz": [4]})

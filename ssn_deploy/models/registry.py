@@ -20,5 +20,6 @@ def build_model(config: ModelConfig | dict[str, Any]) -> UNet3d:
     try:
         factory = MODELS[config.name]
     except KeyError:
-        raise ConfigError(f"model.name: unknown model {config.name!r} (known: {sorted(MODELS)})")
+        known = sorted(MODELS)
+        raise ConfigError(f"model.name: unknown model {config.name!r} (known: {known})") from None
     return factory(config)  # type: ignore[return-value]

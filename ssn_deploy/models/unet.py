@@ -118,9 +118,24 @@ class ModelConfig:
         return cls(**d)
 
 
+class FloatBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm computed in fp32 even under bf16 autocast.
+
+    Batch statistics of bf16 activations (8-bit mantissa) over the few voxels of the deepest
+    level are too coarse: a near-zero variance estimate blew gradients up to ~1e15 in training.
+    Same parameters and state_dict keys as ``nn.BatchNorm3d``; a no-op cast in fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm3d(channels)
+        return FloatBatchNorm3d(channels)
     if kind == "group":
         return nn.GroupNorm(min(8, channels), channels)
     return nn.Identity()

@@ -1,0 +1,249 @@
+"""Training configuration: YAML → typed, validated dataclasses (errors name the bad key)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssn_deploy.errors import ConfigError, InputNotFoundError
+from ssn_deploy.models.unet import ModelConfig
+
+ZRange = tuple[int, int]
+
+
+def _z_range(value: Any, key: str) -> ZRange | None:
+    if value is None:
+        return None
+    try:
+        z0, z1 = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected [z_begin, z_end], got {value!r}") from None
+    if not 0 <= z0 < z1:
+        raise ConfigError(f"{key}: expected 0 <= z_begin < z_end, got {value!r}")
+    return z0, z1
+
+
+def _overlaps(a: ZRange, b: ZRange) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where labelled data lives and which z-slabs training and validation may read.
+
+    ``test_z`` is the held-out test slab: no range that training or checkpoint selection reads
+    may overlap it, and the reader never loads it (validation pads by reflection instead of
+    reading context from it).
+    """
+
+    raw: str
+    labels: str
+    train_z: ZRange | None = None
+    val_z: ZRange | None = None
+    test_z: ZRange | None = None
+    unknown_label: int | None = None
+    mask_channels: tuple[int, ...] = ()
+    isotropic: bool = False
+    normalization: str = "scale"
+
+    def __post_init__(self) -> None:
+        for key in ("train_z", "val_z", "test_z"):
+            object.__setattr__(self, key, _z_range(getattr(self, key), f"data.{key}"))
+        object.__setattr__(self, "mask_channels", tuple(int(c) for c in self.mask_channels))
+        if self.normalization not in ("scale", "meanstd"):
+            raise ConfigError(
+                f"data.normalization: expected 'scale' or 'meanstd', got {self.normalization!r}"
+            )
+        if self.test_z is not None:
+            if self.train_z is None:
+                raise ConfigError("data.train_z: required when data.test_z excludes a test slab")
+            for key in ("train_z", "val_z"):
+                rng = getattr(self, key)
+                if rng is not None and _overlaps(rng, self.test_z):
+                    raise ConfigError(
+                        f"data.{key}: {list(rng)} overlaps the test region data.test_z "
+                        f"{list(self.test_z)}, which training must never read"
+                    )
+        if self.train_z and self.val_z and _overlaps(self.train_z, self.val_z):
+            raise ConfigError(
+                f"data.val_z: {list(self.val_z)} overlaps data.train_z {list(self.train_z)}"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probability of each EM augmentation per sample (0 disables it)."""
+
+    flip: float = 0.5
+    transpose: float = 0.5
+    intensity: float = 0.5
+    noise: float = 0.3
+    blur: float = 0.2
+    missing_section: float = 0.1
+    misalignment: float = 0.1
+    elastic: float = 0.1
+    noise_std: float = 0.03
+    max_shift: int = 6
+    elastic_sigma: float = 2.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    iterations: int = 1000
+    crop: tuple[int, int, int] = (32, 96, 96)
+    batch_size: int = 1
+    lr: float = 1e-4
+    loss: str = "bce"
+    amp: str = "none"
+    device: str = "cpu"
+    threads: int | None = None
+    clip_grad_norm: float | None = 10.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    val_every: int = 500
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        if len(self.crop) != 3 or min(self.crop) < 1:
+            raise ConfigError(f"training.crop: expected three positive sizes, got {self.crop}")
+        if self.loss not in ("bce", "mse"):
+            raise ConfigError(f"training.loss: expected 'bce' or 'mse', got {self.loss!r}")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"training.amp: expected 'none' or 'bf16', got {self.amp!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"training.device: expected 'cpu' or 'cuda', got {self.device!r}")
+        for key in ("iterations", "batch_size", "log_every", "checkpoint_every", "val_every"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"training.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"training.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")
+        if not self.lr > 0:
+            raise ConfigError(f"training.lr: must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    thresholds: tuple[float, ...] = (0.5,)
+    ignore_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "ignore_ids", tuple(int(i) for i in self.ignore_ids))
+        if not self.thresholds or any(not 0 < t < 1 for t in self.thresholds):
+            raise ConfigError(
+                f"validation.thresholds: expected values in (0, 1), got {self.thresholds}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        g = self.model.granularity
+        if any(c % m for c, m in zip(self.training.crop, g, strict=True)):
+            raise ConfigError(
+                f"training.crop: {list(self.training.crop)} must be a multiple of the model "
+                f"granularity {list(g)}"
+            )
+        bad = [c for c in self.data.mask_channels if not 0 <= c < self.model.out_channels]
+        if bad:
+            raise ConfigError(
+                f"data.mask_channels: {bad} outside 0..{self.model.out_channels - 1} (offsets)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "data": _plain(asdict(self.data)),
+            "training": _plain(asdict(self.training)),
+            "augment": asdict(self.augment),
+            "validation": _plain(asdict(self.validation)),
+        }
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _section(cls: type, raw: Any, name: str, base: Path | None = None) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(raw).__name__}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}")
+    if cls is DataConfig:
+        for key in ("raw", "labels"):
+            if key not in raw:
+                raise ConfigError(f"data.{key}: required (FILE:DATASET of the labelled volume)")
+            raw = raw | {key: resolve_volume_path(str(raw[key]), base)}
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def resolve_volume_path(spec: str, base: Path | None) -> str:
+    """Expand ``$VARS`` and make a relative file path relative to the config file's folder."""
+    spec = os.path.expandvars(spec)
+    path, sep, dataset = spec.partition(":")
+    if base is not None and not Path(path).is_absolute():
+        path = str((base / path).resolve())
+    return f"{path}{sep}{dataset}"
+
+
+def config_from_dict(raw: dict[str, Any], base: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping with model, data, training sections")
+    allowed = {f.name for f in fields(Config)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"config: unknown section(s) {', '.join(unknown)}")
+    if "data" not in raw:
+        raise ConfigError("data: required section (raw, labels, z ranges)")
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model: expected a mapping")
+    if model_raw.get("name", "unet3d") != "unet3d":
+        raise ConfigError(f"model.name: unknown model {model_raw['name']!r} (known: unet3d)")
+    try:
+        model = ModelConfig.from_dict(model_raw)
+    except TypeError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    return Config(
+        model=model,
+        data=_section(DataConfig, raw["data"], "data", base),
+        training=_section(TrainingConfig, raw.get("training"), "training"),
+        augment=_section(AugmentConfig, raw.get("augment"), "augment"),
+        validation=_section(ValidationConfig, raw.get("validation"), "validation"),
+    )
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a YAML config; ``overrides`` (section → key → value) come from the CLI."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    for section, values in (overrides or {}).items():
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        raw[section] = (raw.get(section) or {}) | values
+    return config_from_dict(raw, base=path.resolve().parent)

@@ -1,0 +1,131 @@
+"""Labelled training data: z-slabs read once, random crops, augmentation, affinity targets.
+
+Only the z-ranges named in the config are ever read, so a test slab stays unseen (DESIGN:
+evaluation regions must not leak into training or checkpoint selection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ssn_deploy.affinities import affinities_from_labels, class_balance_weights
+from ssn_deploy.errors import InvalidInputError
+from ssn_deploy.training.augment import Augmenter
+from ssn_deploy.volumes import Volume, open_volume
+
+ZRange = tuple[int, int]
+
+
+@dataclass
+class Slab:
+    """A z-range of a labelled volume held in memory (raw uint8, labels uint64, known bool)."""
+
+    raw: np.ndarray
+    labels: np.ndarray
+    known: np.ndarray
+    z_range: ZRange
+    voxel_size: tuple[float, float, float]
+
+
+def _open(spec: str) -> Volume:
+    return open_volume(spec)
+
+
+def read_slab(
+    raw_spec: str, labels_spec: str, z_range: ZRange | None, unknown_label: int | None = None
+) -> Slab:
+    """Read ``z_range`` (whole volume when None) of raw and labels; check they align."""
+    raw_vol, lab_vol = _open(raw_spec), _open(labels_spec)
+    if tuple(raw_vol.shape) != tuple(lab_vol.shape):
+        raise InvalidInputError(
+            f"raw {raw_spec} {tuple(raw_vol.shape)} and labels {labels_spec} "
+            f"{tuple(lab_vol.shape)} differ in shape"
+        )
+    if np.dtype(raw_vol.dtype) != np.uint8:
+        raise InvalidInputError(f"raw {raw_spec} must be uint8, got {raw_vol.dtype}")
+    z0, z1 = z_range if z_range is not None else (0, raw_vol.shape[0])
+    if z1 > raw_vol.shape[0]:
+        raise InvalidInputError(
+            f"z range [{z0}, {z1}) exceeds the volume's {raw_vol.shape[0]} sections ({raw_spec})"
+        )
+    box = (slice(z0, z1), slice(None), slice(None))
+    raw = np.asarray(raw_vol[box])
+    labels = np.asarray(lab_vol[box]).astype(np.uint64, copy=False)
+    known = labels != unknown_label if unknown_label is not None else np.ones(labels.shape, bool)
+    voxel = tuple(float(v) for v in raw_vol.voxel_size)
+    return Slab(raw, labels, known, (z0, z1), voxel)  # type: ignore[arg-type]
+
+
+def make_targets(
+    labels: np.ndarray,
+    known: np.ndarray,
+    offsets: Sequence[Sequence[int]],
+    mask_channels: Sequence[int] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affinities and loss weights (class-balanced; 0 for unknown voxels and masked channels)."""
+    affs, mask = affinities_from_labels(labels, offsets, unknown=~known)
+    for c in mask_channels:
+        mask[c] = 0.0
+    return affs, class_balance_weights(affs, mask)
+
+
+class CropSampler:
+    """Uniformly random crops of a slab (with its own Generator, saved for exact resume)."""
+
+    def __init__(self, slab: Slab, rng: np.random.Generator) -> None:
+        self.slab = slab
+        self.rng = rng
+
+    def crop(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        full = self.slab.raw.shape
+        if any(s > f for s, f in zip(shape, full, strict=True)):
+            raise InvalidInputError(
+                f"training crop {tuple(shape)} is larger than the training region {full}"
+            )
+        start = [int(self.rng.integers(0, f - s + 1)) for s, f in zip(shape, full, strict=True)]
+        box = tuple(slice(b, b + s) for b, s in zip(start, shape, strict=True))
+        return self.slab.raw[box], self.slab.labels[box], self.slab.known[box]
+
+
+@dataclass
+class Batch:
+    """Network-ready tensors as numpy: raw [N,1,Z,Y,X], affinities and weights [N,C,Z,Y,X]."""
+
+    raw: np.ndarray
+    affs: np.ndarray
+    weights: np.ndarray
+
+
+class BatchSource:
+    """Crop → augment → normalise → targets, for one batch at a time."""
+
+    def __init__(
+        self,
+        sampler: CropSampler,
+        augmenter: Augmenter,
+        normalize: Callable[[np.ndarray], np.ndarray],
+        crop: Sequence[int],
+        offsets: Sequence[Sequence[int]],
+        mask_channels: Sequence[int] = (),
+    ) -> None:
+        self.sampler = sampler
+        self.augmenter = augmenter
+        self.normalize = normalize
+        self.crop = tuple(crop)
+        self.offsets = offsets
+        self.mask_channels = tuple(mask_channels)
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        geometry = self.augmenter.geometry(self.crop, self.sampler.slab.raw.shape)
+        raw, labels, known = self.sampler.crop(geometry.source_shape(self.crop))
+        raw = raw.astype(np.float32) / np.float32(255.0)
+        raw, labels, known = self.augmenter(raw, labels, known, geometry)
+        affs, weights = make_targets(labels, known, self.offsets, self.mask_channels)
+        return self.normalize(raw)[None], affs, weights
+
+    def batch(self, size: int) -> Batch:
+        items = [self.sample() for _ in range(size)]
+        return Batch(*(np.stack(parts) for parts in zip(*items, strict=True)))

@@ -1,0 +1,369 @@
+"""Supervised affinity training with periodic validation, checkpoints and exact resume.
+
+:class:`Trainer` owns the model, optimizer and random streams; :meth:`Trainer.step` is the one
+place that turns a batch into a parameter update, so the semi-supervised strategies (IIC mixing,
+mean teacher) can subclass it and replace ``step`` while reusing logging, validation and
+checkpointing. Exact resume: the checkpoint holds model, optimizer, iteration and the states of
+torch's RNG and of the sampler's and augmenter's numpy Generators, so on CPU a resumed run
+reproduces the uninterrupted run's losses bit for bit in fp32, and in bf16 with one thread
+(with several threads, oneDNN's bf16 weight-gradient reduction varies in the last bits from run
+to run, resumed or not).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ssn_deploy.errors import ConfigError, InputNotFoundError, SsnDeployError
+from ssn_deploy.models.checkpoint import (
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from ssn_deploy.models.normalization import Normalization
+from ssn_deploy.models.registry import build_model
+from ssn_deploy.training.augment import Augmenter
+from ssn_deploy.training.config import Config, load_config
+from ssn_deploy.training.data import Batch, BatchSource, CropSampler, make_targets, read_slab
+from ssn_deploy.training.losses import LOSSES
+from ssn_deploy.training.run import prepare_run_dir, record_run
+from ssn_deploy.training.validation import Segmenter, autocast, predict_whole, score
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = (
+    "iteration",
+    "loss",
+    "lr",
+    "it_per_s",
+    "skipped",
+    "grad_norm_max",
+    "val_loss",
+    "val_voi",
+    "val_voi_split",
+    "val_voi_merge",
+    "val_arand",
+    "val_cremi_score",
+    "val_threshold",
+)
+
+MAX_SKIPPED_IN_A_ROW = 20
+
+
+class TrainingDivergedError(SsnDeployError):
+    """Training produced non-finite losses too often to continue."""
+
+
+ADAM = {"eps": 0.01, "weight_decay": 1e-6, "amsgrad": True}  # DESIGN §2 (paper's settings)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class CsvLog:
+    """``log.csv`` with one row per logged iteration; on resume, rows past the checkpoint go."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        self.path = path
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= keep_until]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+class Trainer:
+    """Holds everything a training run mutates; see the module docstring."""
+
+    def __init__(
+        self, config: Config, run_dir: str | Path, *, segmenter: Segmenter | None = None
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.segmenter = segmenter
+        tc, data = config.training, config.data
+        self.device = resolve_device(tc.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        sampler_seed, augment_seed = np.random.SeedSequence(tc.seed).spawn(2)
+        self.generators = {
+            "sampler": np.random.default_rng(sampler_seed),
+            "augmenter": np.random.default_rng(augment_seed),
+        }
+        torch.manual_seed(tc.seed)
+
+        self.train_slab = read_slab(data.raw, data.labels, data.train_z, data.unknown_label)
+        self.val_slab = (
+            read_slab(data.raw, data.labels, data.val_z, data.unknown_label)
+            if data.val_z is not None
+            else None
+        )
+        self.normalization = (
+            Normalization.measure(self.train_slab.raw)
+            if data.normalization == "meanstd"
+            else Normalization()
+        )
+        self.model = build_model(config.model).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, **ADAM)
+        self.loss_fn = LOSSES[tc.loss]
+        self.source = BatchSource(
+            CropSampler(self.train_slab, self.generators["sampler"]),
+            Augmenter(config.augment, data.isotropic, self.generators["augmenter"]),
+            self.normalization.from_unit,
+            tc.crop,
+            config.model.offsets,
+            data.mask_channels,
+        )
+        self.iteration = 0
+        self.skipped = 0
+        self.skipped_in_a_row = 0
+        self.best: dict[str, Any] = {}
+
+    # -- one update ------------------------------------------------------------------------
+
+    def next_batch(self) -> Batch:
+        return self.source.batch(self.config.training.batch_size)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer update on ``batch``; returns the scalars to log (at least ``loss``).
+
+        A non-finite loss or gradient skips the update and restores the BatchNorm statistics,
+        and gradients are clipped to ``training.clip_grad_norm``: one bad batch cannot poison
+        a long run (AMSGrad never forgets a huge squared gradient). With bf16 on CPU,
+        torch 2.13's conv weight gradient at the deepest level (a few voxels) is occasionally
+        non-finite or huge at random; see the crop note in configs/fib_medulla_250.yaml.
+        """
+        self.model.train()
+        raw, affs, weights = (
+            torch.from_numpy(a).to(self.device) for a in (batch.raw, batch.affs, batch.weights)
+        )
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        with autocast(self.device, self.config.training.amp):
+            logits = self.model.forward_logits(raw)
+        loss = self.loss_fn(logits, affs, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.training.clip_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
+        if not (finite_loss and finite_grad):
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                raise TrainingDivergedError(
+                    f"{self.skipped_in_a_row} updates in a row skipped for non-finite loss or "
+                    f"gradients (iteration {self.iteration + 1}); lower training.lr or set "
+                    "training.amp: none"
+                )
+            log.warning(
+                "iteration %d: update skipped (finite loss %s, finite gradients %s)",
+                self.iteration + 1,
+                finite_loss,
+                finite_grad,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            return {"loss": float(loss.detach()), "skipped": 1.0}
+        self.skipped_in_a_row = 0
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+
+    # -- validation ------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any]:
+        """Validation loss and, with a segmenter, VOI/ARAND at the best configured threshold."""
+        assert self.val_slab is not None
+        slab, cfg = self.val_slab, self.config
+        affs = predict_whole(
+            self.model, self.normalization(slab.raw), self.device, cfg.training.amp
+        )
+        target, weights = make_targets(
+            slab.labels, slab.known, cfg.model.offsets, cfg.data.mask_channels
+        )
+        p = torch.from_numpy(affs).clamp(1e-6, 1 - 1e-6)
+        bce = torch.nn.functional.binary_cross_entropy(
+            p, torch.from_numpy(target), torch.from_numpy(weights), reduction="sum"
+        ) / max(float(weights.sum()), 1e-6)
+        metrics: dict[str, Any] = {"loss": float(bce)}
+        if self.segmenter is not None:
+            metrics |= score(
+                affs,
+                slab.labels,
+                self.segmenter,
+                cfg.validation.thresholds,
+                cfg.validation.ignore_ids,
+            )
+        return metrics
+
+    def _improved(self, metrics: dict[str, Any]) -> bool:
+        key = "voi" if "voi" in metrics else "loss"
+        return key not in self.best or metrics[key] < self.best[key]
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save(self, path: Path, *, training_state: bool = True, extra: dict | None = None) -> Path:
+        return save_checkpoint(
+            path,
+            self.model,
+            normalization=self.normalization,
+            voxel_size=self.train_slab.voxel_size,
+            iteration=self.iteration,
+            optimizer=self.optimizer if training_state else None,
+            generators=self.generators if training_state else None,
+            extra={
+                "best": dict(self.best),
+                "skipped": self.skipped,
+                "skipped_in_a_row": self.skipped_in_a_row,
+                "config": self.config.to_dict(),
+                **(extra or {}),
+            },
+        )
+
+    def resume(self, path: Path) -> None:
+        """Restore model, optimizer, iteration, best metrics and every random stream."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.config != self.config.model:
+            raise ConfigError(f"model: the config's model differs from the one in {path}")
+        if ckpt.optimizer is None or ckpt.rng is None:
+            raise InputNotFoundError(f"{path} holds no training state (a weights-only export)")
+        self.model.load_state_dict(ckpt.model.state_dict())
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.normalization = ckpt.normalization
+        self.source.normalize = self.normalization.from_unit
+        self.iteration = ckpt.iteration
+        self.best = dict(ckpt.extra.get("best", {}))
+        self.skipped = int(ckpt.extra.get("skipped", 0))
+        self.skipped_in_a_row = int(ckpt.extra.get("skipped_in_a_row", 0))
+        restore_rng(ckpt.rng, self.generators)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self, iterations: int, *, progress: bool = True) -> None:
+        """Train until ``iterations`` updates are done in total, logging and checkpointing."""
+        tc = self.config.training
+        csv_log = CsvLog(self.run_dir / "log.csv", keep_until=self.iteration)
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration + 1)
+        bar = tqdm(
+            total=iterations,
+            initial=self.iteration,
+            unit="it",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+        window: list[float] = []
+        grad_norms: list[float] = []
+        t_last, n_last = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < iterations:
+                scalars = self.step(self.next_batch())
+                self.iteration += 1
+                if "skipped" not in scalars:
+                    window.append(scalars["loss"])
+                    grad_norms.append(scalars.get("grad_norm", 0.0))
+                bar.update(1)
+                final = self.iteration == iterations
+                row: dict[str, Any] = {}
+                if self.iteration % tc.log_every == 0 or final:
+                    now = time.perf_counter()
+                    row = {
+                        "iteration": self.iteration,
+                        "loss": repr(float(np.mean(window))) if window else "nan",
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "it_per_s": round((self.iteration - n_last) / max(now - t_last, 1e-9), 4),
+                        "skipped": self.skipped,
+                        "grad_norm_max": max(grad_norms, default=""),
+                    }
+                    bar.set_postfix(loss=row["loss"][:6])
+                    window, grad_norms = [], []
+                    t_last, n_last = now, self.iteration
+                if self.val_slab is not None and (self.iteration % tc.val_every == 0 or final):
+                    metrics = self.validate()
+                    row = row or {"iteration": self.iteration}
+                    row |= {f"val_{k}": v for k, v in metrics.items()}
+                    log.info("iteration %d validation %s", self.iteration, metrics)
+                    if self._improved(metrics):
+                        self.best = {"iteration": self.iteration, **metrics}
+                        self.save(self.run_dir / "best.ckpt", training_state=False)
+                    t_last = time.perf_counter()
+                if row:
+                    csv_log.write(row)
+                    for key, value in row.items():
+                        if key != "iteration" and value != "":
+                            writer.add_scalar(
+                                key.replace("val_", "val/"), float(value), self.iteration
+                            )
+                if self.iteration % tc.checkpoint_every == 0 or final:
+                    self.save(self.run_dir / "last.ckpt")
+                    if self.iteration % tc.checkpoint_every == 0:
+                        self.save(self.run_dir / "checkpoints" / f"iter_{self.iteration:07d}.ckpt")
+        finally:
+            bar.close()
+            writer.close()
+
+
+def train(
+    config: Config | str | Path,
+    run_dir: str | Path,
+    *,
+    iterations: int | None = None,
+    device: str | None = None,
+    lr: float | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    segmenter: Segmenter | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) a supervised affinity model; returns the best (else last) checkpoint.
+
+    ``segmenter`` maps affinities ``[C, Z, Y, X]`` to one segmentation per configured
+    validation threshold; without it checkpoints are selected by validation loss.
+    """
+    if not isinstance(config, Config):
+        config = load_config(config)
+    overrides = {
+        k: v for k, v in {"iterations": iterations, "device": device, "lr": lr}.items() if v
+    }
+    if overrides:
+        try:
+            config = replace(config, training=replace(config.training, **overrides))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"training: {exc}") from None
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, run_dir, segmenter=segmenter)
+    last = run_dir / "last.ckpt"
+    if resume and last.exists():
+        trainer.resume(last)
+        log.info("resumed %s at iteration %d", last, trainer.iteration)
+    record_run(run_dir, config)
+    trainer.fit(config.training.iterations, progress=progress)
+    best = run_dir / "best.ckpt"
+    return best if best.exists() else last
+
+
+__all__ = ["CSV_FIELDS", "Trainer", "train"]

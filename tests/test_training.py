@@ -1,0 +1,192 @@
+"""Augmentation alignment, config validation, test-region exclusion, exact resume, learning."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from ssn_deploy.cli import main
+from ssn_deploy.errors import ConfigError, OutputExistsError
+from ssn_deploy.training import data as data_module
+from ssn_deploy.training.augment import Augmenter, Geometry
+from ssn_deploy.training.config import AugmentConfig, config_from_dict, load_config
+from ssn_deploy.training.trainer import Trainer, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GEOMETRIC_ONLY = AugmentConfig(
+    flip=0.5, transpose=0.5, intensity=0, noise=0, blur=0, missing_section=0, misalignment=0,
+    elastic=0,
+)  # fmt: skip
+
+
+def tiny_config(path: Path, **training):
+    raw = yaml.safe_load((CONFIGS / "fib_tiny_train.yaml").read_text())
+    raw["data"]["raw"] = f"{path}:volumes/raw"
+    raw["data"]["labels"] = f"{path}:volumes/labels/neuron_ids"
+    raw["training"] |= training
+    return config_from_dict(raw)
+
+
+def blocks(shape=(12, 16, 16)) -> np.ndarray:
+    """Piecewise-constant labels 1..8 (octants): raw = labels / 10 can be checked after warps."""
+    z, y, x = np.indices(shape)
+    return (1 + (z >= shape[0] // 2) * 4 + (y >= shape[1] // 2) * 2 + (x >= shape[2] // 2)).astype(
+        np.uint64
+    )
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+def test_geometric_augmentations_keep_raw_and_labels_aligned(isotropic) -> None:
+    aug = Augmenter(GEOMETRIC_ONLY, isotropic, np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    perms = set()
+    for _ in range(20):
+        crop = (8, 8, 8) if isotropic else (4, 8, 8)
+        g = aug.geometry(crop, (16, 16, 16))
+        perms.add(g.perm)
+        src = g.source_shape(crop)
+        labels = rng.integers(1, 10, size=src).astype(np.uint64)
+        raw, lab, known = aug(labels / np.float32(10), labels, np.ones(src, bool), g)
+        assert raw.shape == lab.shape == crop and known.all()
+        assert np.array_equal(np.rint(raw * 10).astype(np.uint64), lab)
+    assert (len(perms) > 2) == isotropic
+    assert all(p[0] == 0 for p in perms) or isotropic
+
+
+def test_transposed_crop_is_read_in_the_source_shape() -> None:
+    g = Geometry(perm=(2, 0, 1))
+    src = g.source_shape((4, 6, 8))
+    assert g.apply(np.zeros(src)).shape == (4, 6, 8)
+
+
+def test_misalignment_moves_raw_and_labels_together() -> None:
+    aug = Augmenter(AugmentConfig(max_shift=3), True, np.random.default_rng(0))
+    labels = np.random.default_rng(3).integers(1, 10, size=(6, 16, 16)).astype(np.uint64)
+    moved = 0
+    for _ in range(5):
+        raw, lab, known = aug.misalign(
+            labels / np.float32(10), labels.copy(), np.ones_like(labels, bool)
+        )
+        assert np.array_equal(np.rint(raw * 10).astype(np.uint64), lab)
+        moved += int((lab != labels).any())
+        assert (~known).any() == (lab != labels).any()
+    assert moved > 0
+
+
+def test_elastic_warps_raw_and_labels_together() -> None:
+    aug = Augmenter(AugmentConfig(elastic_sigma=3.0), True, np.random.default_rng(0))
+    labels = blocks()
+    raw, lab, known = aug.elastic(labels / np.float32(10), labels, np.ones(labels.shape, bool))
+    assert not np.array_equal(lab, labels) and known.all()
+    # Raw is interpolated linearly, labels by nearest neighbour: they agree off the seams.
+    assert np.mean(np.abs(raw * 10 - lab.astype(np.float32)) < 0.5) > 0.9
+
+
+def test_intensity_augmentations_leave_labels_alone() -> None:
+    aug = Augmenter(AugmentConfig(flip=0, transpose=0, intensity=1, noise=1, blur=1,
+                                  missing_section=1, misalignment=0, elastic=0),
+                    True, np.random.default_rng(0))  # fmt: skip
+    labels = blocks()
+    raw, lab, _ = aug(labels / np.float32(10), labels, np.ones(labels.shape, bool), Geometry())
+    assert np.array_equal(lab, labels) and raw.dtype == np.float32
+    assert 0.0 <= raw.min() and raw.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "message"),
+    [
+        ("data", {"test_z": [45, 50]}, "data.val_z.*test region"),
+        ("data", {"train_z": [0, 30], "val_z": [20, 40]}, "data.val_z.*overlaps data.train_z"),
+        ("data", {"mask_channels": [3]}, "data.mask_channels"),
+        ("training", {"crop": [16, 48, 50]}, "training.crop.*granularity"),
+        ("training", {"amp": "fp16"}, "training.amp"),
+        ("training", {"learning_rate": 0.1}, "training.learning_rate"),
+        ("model", {"skip": "sum"}, "model.skip"),
+        ("validation", {"thresholds": [1.5]}, "validation.thresholds"),
+    ],
+)
+def test_config_errors_name_the_bad_key(tiny_train, section, change, message) -> None:
+    raw = yaml.safe_load((CONFIGS / "fib_tiny_train.yaml").read_text())
+    raw[section] = raw.get(section, {}) | change
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["fib_medulla_250", "vnc_sstem_2dlabels", "fib_tiny_train"])
+def test_shipped_configs_validate(name) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    if name == "fib_medulla_250":
+        assert cfg.data.test_z == (125, 250) and cfg.data.train_z[1] <= 125
+        assert cfg.data.val_z[1] <= 125
+    if name == "vnc_sstem_2dlabels":
+        assert cfg.data.mask_channels == (0,) and cfg.model.poolings[0] == (1, 2, 2)
+
+
+def test_trainer_never_reads_the_test_region(tiny_train, monkeypatch, tmp_path) -> None:
+    read = []
+    original = data_module._open
+
+    class Spy:
+        def __init__(self, vol):
+            self.vol = vol
+            self.shape, self.dtype, self.voxel_size = vol.shape, vol.dtype, vol.voxel_size
+
+        def __getitem__(self, box):
+            read.append(box[0])
+            return self.vol[box]
+
+    monkeypatch.setattr(data_module, "_open", lambda spec: Spy(original(spec)))
+    cfg = tiny_config(tiny_train)
+    cfg = config_from_dict(cfg.to_dict() | {"data": cfg.to_dict()["data"] | {
+        "train_z": [0, 24], "val_z": [24, 34], "test_z": [34, 50]}})  # fmt: skip
+    Trainer(cfg, tmp_path)
+    assert read and all(s.stop <= 34 for s in read)
+
+
+def losses(run_dir: Path) -> list[str]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return [r["loss"] for r in csv.DictReader(f)]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_train, tmp_path) -> None:
+    cfg = tiny_config(tiny_train, iterations=6, checkpoint_every=3, val_every=100, log_every=1)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", iterations=3, progress=False)
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert len(losses(tmp_path / "a")) == 6
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_existing_run_dir_is_refused_without_resume_or_overwrite(tiny_train, tmp_path) -> None:
+    (tmp_path / "log.csv").write_text("x")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(tiny_config(tiny_train), tmp_path, progress=False)
+    result = CliRunner().invoke(main, ["train", str(CONFIGS / "fib_tiny_train.yaml"), "-o",
+                                       str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 1 and "exists" in result.output
+
+
+def test_fifty_iterations_lower_the_loss(tiny_train, tmp_path) -> None:
+    cfg = tiny_config(tiny_train, iterations=50, val_every=50, checkpoint_every=50)
+    best = train(cfg, tmp_path, progress=False)
+    values = [float(v) for v in losses(tmp_path)]
+    assert len(values) == 50
+    assert np.mean(values[-10:]) < 0.9 * np.mean(values[:10])
+    assert best.name == "best.ckpt" and (tmp_path / "last.ckpt").exists()
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "environment.jsonl").exists()
+
+
+def test_non_finite_batch_skips_the_update_and_keeps_batchnorm_stats(tiny_train, tmp_path) -> None:
+    trainer = Trainer(tiny_config(tiny_train), tmp_path)
+    batch = trainer.next_batch()
+    batch.raw[...] = np.nan
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.step(batch).get("skipped") == 1.0 and trainer.skipped == 1
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
