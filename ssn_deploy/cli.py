@@ -40,6 +40,19 @@ def parse_triple(value: str | None, name: str) -> tuple[float, float, float] | N
     return numbers  # type: ignore[return-value]
 
 
+def parse_roi(value: str) -> tuple[slice, slice, slice]:
+    """``"Z0:Z1,Y0:Y1,X0:X1"`` → slices; open ends are allowed (``125:,:,:``)."""
+    message = f"expected Z0:Z1,Y0:Y1,X0:X1 (voxels), got {value!r}"
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise click.BadParameter(message, param_hint="--roi")
+    try:
+        bounds = [[int(v) if v.strip() else None for v in part.split(":")] for part in parts]
+        return tuple(slice(lo, hi) for lo, hi in bounds)  # type: ignore[return-value]
+    except ValueError:
+        raise click.BadParameter(message, param_hint="--roi") from None
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ssn-deploy")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -61,6 +74,10 @@ def main(verbose: int) -> None:
 @click.argument("dst")
 @click.option("--chunks", help="Chunk shape Z,Y,X in voxels [default: ~2 MiB, isotropic in nm].")
 @click.option("--voxel-size", help="Voxel size Z,Y,X in nm; overrides the stored one.")
+@click.option(
+    "--roi",
+    help="Copy only this region of a 3D volume, in voxels: Z0:Z1,Y0:Y1,X0:X1 (e.g. 125:250,:,:).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def convert(
@@ -68,6 +85,7 @@ def convert(
     dst: str,
     chunks: str | None,
     voxel_size: str | None,
+    roi: str | None,
     overwrite: bool,
     no_progress: bool,
 ) -> None:
@@ -90,6 +108,7 @@ def convert(
         dst,
         chunks=parse_triple(chunks, "--chunks"),
         voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        roi=None if roi is None else parse_roi(roi),
         overwrite=overwrite,
         progress=not no_progress,
     )

@@ -38,7 +38,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,6 +52,7 @@ from ssn_deploy.errors import (
     OutputExistsError,
     VoxelSizeError,
 )
+from ssn_deploy.geometry import Box
 
 if TYPE_CHECKING:
     import dask.array
@@ -888,13 +889,15 @@ def convert(
     *,
     chunks: Iterable[int] | None = None,
     voxel_size: Iterable[float] | None = None,
+    roi: Sequence[slice] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Volume:
-    """Copy any readable volume into OME-Zarr, chunk by chunk, keeping voxel size and offset.
+    """Copy any readable volume (or the ``roi`` of a 3D one) into OME-Zarr, chunk by chunk.
 
-    Memory stays O(:data:`COPY_BLOCK_BYTES`) whatever the volume size. The output records the
-    source spec and the ssn-deploy version under ``attrs["ssn_deploy"]``.
+    Voxel size and world offset are kept (a ``roi`` shifts the offset by its start). Memory
+    stays O(:data:`COPY_BLOCK_BYTES`) whatever the volume size. The output records the source
+    spec, the roi and the ssn-deploy version under ``attrs["ssn_deploy"]``.
     """
     from tqdm import tqdm
 
@@ -906,14 +909,24 @@ def convert(
             raise VoxelSizeError(f"{src} has no voxel size; pass --voxel-size Z,Y,X (nm)")
         if _same_or_nested(_parse_spec(src), _output_location(dst)):
             raise InvalidInputError(f"{dst} overlaps the input {src}; choose another output")
+        region = _check_roi(src, source, roi)
+        offset = tuple(
+            o + b * v
+            for o, b, v in zip(source.offset, region.begin[-3:], source.voxel_size, strict=True)
+        )
         provenance = {"ssn_deploy": {"source": src, "version": __version__, "command": "convert"}}
+        if roi is not None:
+            provenance["ssn_deploy"]["roi"] = {
+                "offset": list(region.offset),
+                "shape": list(region.shape),
+            }
         dest = create_volume(
             dst,
-            source.shape,
+            region.shape,
             source.dtype,
-            chunks=None if chunks is None else _full_chunks(chunks, source.shape),
+            chunks=None if chunks is None else _full_chunks(chunks, region.shape),
             voxel_size=source.voxel_size,
-            offset=source.offset,
+            offset=offset,
             overwrite=overwrite,
             attrs=provenance,
         )
@@ -926,8 +939,29 @@ def convert(
             unit="block",
             disable=not progress,
         ):
-            dest[box] = source[box]
+            dest[box] = source[
+                tuple(
+                    slice(b.start + o, b.stop + o) for b, o in zip(box, region.offset, strict=True)
+                )
+            ]
     return dest
+
+
+def _check_roi(src: str, source: Volume, roi: Sequence[slice] | None) -> Box:
+    """The region of ``source`` to copy: all of it, or the ``roi`` (z,y,x slices) of a 3D one."""
+    whole = Box.from_shape(source.shape)
+    if roi is None:
+        return whole
+    if source.ndim != 3 or len(roi) != 3 or any(s.step not in (None, 1) for s in roi):
+        raise InvalidInputError(f"{src}: --roi needs a 3D volume and a z,y,x region")
+    begin = [0 if s.start is None else s.start for s in roi]
+    end = [n if s.stop is None else s.stop for s, n in zip(roi, source.shape, strict=True)]
+    roi = Box.from_bounds(begin, [max(b, e) for b, e in zip(begin, end, strict=True)])
+    if roi.empty or not whole.contains(roi):
+        raise InvalidInputError(
+            f"{src}: region {roi.begin}..{roi.end} is empty or outside the volume {source.shape}"
+        )
+    return roi
 
 
 def _full_chunks(chunks: Iterable[int], shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -462,3 +462,21 @@ def test_corrupt_chunk_names_it(tiny_train: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert len(result.stderr.splitlines()) == 1
     assert f"error: {out}: chunk c/1/2/0 ({out}/0/c/1/2/0) cannot be decoded" in result.stderr
+
+
+def test_convert_roi_copies_a_region_and_shifts_the_offset(medulla_250, tmp_path):
+    digest = sha256(medulla_250)
+    out = tmp_path / "test_region.zarr"
+    spec = f"{medulla_250}:volumes/raw"
+    result = CliRunner().invoke(main, ["convert", spec, str(out), "--roi", "125:,10:20,:"])
+    assert result.exit_code == 0, result.output
+    vol = open_volume(str(out))
+    with h5py.File(medulla_250, "r") as f:
+        np.testing.assert_array_equal(vol.read(), f["volumes/raw"][125:, 10:20, :])
+    assert vol.offset == (1250.0, 100.0, 0.0)
+    bad = CliRunner().invoke(
+        main, ["convert", spec, str(tmp_path / "x.zarr"), "--roi", "0:300,:,:"]
+    )
+    assert bad.exit_code == 1
+    assert "outside the volume (250, 250, 250)" in bad.output
+    assert sha256(medulla_250) == digest
