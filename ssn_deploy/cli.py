@@ -296,7 +296,8 @@ def _quiet_dask(verbose: int) -> None:
     "--model",
     default="default",
     show_default=True,
-    help="'default' (packaged), FILE.ckpt (torch) or FILE.onnx (onnxruntime).",
+    help="'default' (packaged), FILE.ckpt (torch), FILE.onnx (onnxruntime), or 'intensity' "
+    "(no-network baseline: raw intensity as affinities).",
 )
 @click.option(
     "--backend",

@@ -109,3 +109,15 @@ def test_bad_inputs_fail_with_one_line(workspace: Path, tmp_path: Path) -> None:
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_intensity_baseline_runs_through_the_same_pipeline(workspace: Path, medulla_250: Path):
+    out = str(workspace / "baseline.zarr")
+    args = ["infer", str(workspace / "raw.zarr"), "-o", out, "--model", "intensity"]
+    result = CliRunner().invoke(main, [*args, *OPTIONS, "--no-preview"])
+    assert result.exit_code == 0, result.output
+    affs = open_volume(f"{out}/affinities")[...]
+    raw = open_volume(str(workspace / "raw.zarr"))[...]
+    for channel in affs:  # every channel is the raw intensity
+        np.testing.assert_array_equal(channel, raw)
+    assert open_volume(f"{out}/affinities").attrs["ssn_deploy"]["predictor"]["model"] == "intensity"

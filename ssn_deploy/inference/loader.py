@@ -10,6 +10,8 @@ from importlib import resources
 from pathlib import Path
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError
+from ssn_deploy.inference.baseline import NAME as INTENSITY
+from ssn_deploy.inference.baseline import IntensityPredictor
 from ssn_deploy.inference.predictor import Predictor
 
 BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx"}
@@ -39,8 +41,10 @@ def load_predictor(
     """A predictor for ``model`` (a .ckpt for torch, an .onnx for onnxruntime, or "default").
 
     ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; an ONNX graph runs in
-    the precision it was exported with.
+    the precision it was exported with. ``model="intensity"`` is the no-network baseline.
     """
+    if str(model) == INTENSITY:
+        return IntensityPredictor()
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
     path = default_model(backend) if str(model) == "default" else Path(model)
