@@ -476,6 +476,33 @@ def segment(
     click.echo(f"segmentation: {seg.spec} ({counts})")
 
 
+# --- export (owner: lead) ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files in the directory.")
+def export(checkpoint: str, output: str, opset: int, overwrite: bool) -> None:
+    """Export CHECKPOINT for deployment: model.ckpt, model.onnx and parity.json in OUTPUT.
+
+    model.ckpt keeps the weights only (no optimizer or RNG state); model.onnx has dynamic
+    batch and z/y/x axes and carries offsets, normalisation, voxel size, context and
+    granularity in its metadata, so `ssn-deploy infer --model model.onnx` needs nothing else.
+    parity.json compares onnxruntime with torch on a real EM block.
+    """
+    from ssn_deploy.export import export_model
+
+    result = export_model(checkpoint, output, opset=opset, overwrite=overwrite)
+    parity = result["parity"]
+    for name in ("model.ckpt", "model.onnx", "parity.json"):
+        click.echo(f"wrote {result[name]}")
+    click.echo(
+        f"parity on {parity['shape']}: max |onnxruntime - torch| = {parity['max_abs_diff']:.2e}"
+    )
+
+
 # --- sample (owner: lead) ------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 
+from ssn_deploy.cli import main
 from ssn_deploy.errors import OutputExistsError
 from ssn_deploy.export import export_onnx
-from ssn_deploy.models import ModelConfig, Normalization, build_model, save_checkpoint
+from ssn_deploy.models import (
+    ModelConfig,
+    Normalization,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ssn_deploy.models.spec import ModelSpec
 
 CONFIG = ModelConfig(filters=(4, 8, 8), poolings=((1, 2, 2), (2, 2, 2)), embed_kernel=(1, 3, 3))
@@ -42,8 +51,6 @@ def test_export_round_trip_and_parity(checkpoint: Path, tmp_path: Path) -> None:
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    from ssn_deploy.models import load_checkpoint
-
     model = load_checkpoint(checkpoint).model
     for shape in [(1, 1, 4, 32, 32), (2, 1, 6, 16, 48)]:  # dynamic batch and z/y/x
         x = rng.standard_normal(shape).astype(np.float32)
@@ -62,3 +69,17 @@ def test_export_refuses_existing_output(checkpoint: Path, tmp_path: Path) -> Non
     assert out.read_bytes() == b"keep me"
     export_onnx(checkpoint, out, overwrite=True)
     assert onnx.load(str(out)).graph.input[0].name == "raw"
+
+
+def test_export_command_writes_a_deployable_directory(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    shipped = torch.load(out / "model.ckpt", weights_only=True)
+    assert "optimizer" not in shipped and "rng" not in shipped
+    assert load_checkpoint(out / "model.ckpt").config == CONFIG
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["max_abs_diff"] < 1e-4
+    assert parity["shape"][2:] == [64, 128, 128]  # a block of the bundled sample
+    again = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
+    assert again.exit_code == 1 and "pass --overwrite" in again.output
