@@ -316,9 +316,9 @@ def _quiet_dask(verbose: int) -> None:
 @click.option(
     "--threshold",
     type=float,
-    default=0.5,
-    show_default=True,
-    help="Agglomeration stops at this score (1 - median boundary affinity).",
+    default=None,
+    help="Agglomeration stops at this score (1 - median boundary affinity) "
+    "[default: the model's, chosen on its validation data, else 0.5].",
 )
 @click.option(
     "--block-shape", default=None, help="Z,Y,X voxels per block [default: from the voxel size]."
@@ -352,7 +352,7 @@ def infer(
     backend: str | None,
     device: str,
     precision: str,
-    threshold: float,
+    threshold: float | None,
     block_shape: str | None,
     patch_shape: str | None,
     scheduler: str | None,

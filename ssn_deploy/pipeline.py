@@ -31,6 +31,7 @@ from ssn_deploy.volumes import Volume, open_volume
 log = logging.getLogger(__name__)
 
 Triple = tuple[int, int, int]
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def infer(
     backend: str = "torch",
     device: str = "cpu",
     precision: str = "fp32",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     block_shape: Sequence[int] | None = None,
     patch_shape: Sequence[int] | None = None,
     scheduler: Any = None,
@@ -112,6 +113,10 @@ def infer(
         load_predictor, model, backend, device=device, precision=precision, threads=threads
     )
     predictor = cached_predictor(factory)
+    if threshold is None:  # the model's own, chosen on its validation data
+        threshold = (
+            getattr(getattr(predictor, "spec", None), "threshold", None) or DEFAULT_THRESHOLD
+        )
     geometry = default_geometry(predictor, raw.voxel_size)
     if block_shape is not None:
         block = tuple(int(v) for v in block_shape)

@@ -83,3 +83,18 @@ def test_export_command_writes_a_deployable_directory(checkpoint: Path, tmp_path
     assert parity["shape"][2:] == [64, 128, 128]  # a block of the bundled sample
     again = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
     assert again.exit_code == 1 and "pass --overwrite" in again.output
+
+
+def test_threshold_chosen_on_validation_travels_in_the_metadata(tmp_path: Path) -> None:
+    model = build_model(CONFIG).eval()
+    ckpt = save_checkpoint(
+        tmp_path / "m.ckpt",
+        model,
+        normalization=Normalization(),
+        voxel_size=(10, 10, 10),
+        extra={"best": {"threshold": 0.3, "voi": 1.2}},
+    )
+    proto = onnx.load(str(export_onnx(ckpt, tmp_path / "m.onnx")))
+    spec = ModelSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, "m.onnx")
+    assert spec.threshold == 0.3
+    assert ModelSpec.from_checkpoint(load_checkpoint(ckpt)).threshold == 0.3

@@ -9,6 +9,8 @@ are JSON; written by :mod:`ssn_deploy.export`, read by the onnxruntime backend):
 ``ssn_deploy.granularity``    ``[z, y, x]`` input sizes must be multiples of these
 ``ssn_deploy.normalization``  ``{"kind", "mean", "std"}`` (see ``models.Normalization``)
 ``ssn_deploy.voxel_size``     ``[z, y, x]`` nm of the training data, or ``null``
+``ssn_deploy.threshold``      agglomeration threshold chosen on validation data, or ``null``
+                              (optional: older files without it mean ``null``)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ModelSpec:
     context: Triple
     normalization: Normalization
     voxel_size: tuple[float, float, float] | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +77,7 @@ class ModelSpec:
             context=config.context,
             normalization=checkpoint.normalization,
             voxel_size=checkpoint.voxel_size,
+            threshold=checkpoint.extra.get("best", {}).get("threshold"),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -84,6 +88,7 @@ class ModelSpec:
             "granularity": list(self.granularity),
             "normalization": self.normalization.to_dict(),
             "voxel_size": None if self.voxel_size is None else list(self.voxel_size),
+            "threshold": self.threshold,
         }
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in values.items()}
 
@@ -98,6 +103,7 @@ class ModelSpec:
             )
         try:
             values = {k: json.loads(props[METADATA_PREFIX + k]) for k in METADATA_KEYS}
+            values["threshold"] = json.loads(props.get(METADATA_PREFIX + "threshold", "null"))
             values["normalization"] = Normalization.from_dict(values["normalization"])
             return cls(**values)
         except (ValueError, TypeError) as exc:
