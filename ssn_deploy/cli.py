@@ -339,6 +339,13 @@ def _quiet_dask(verbose: int) -> None:
     help="Worker threads of the in-process cluster.",
 )
 @click.option("--voxel-size", default=None, help="Z,Y,X nm, if the volume does not say.")
+@click.option(
+    "--affinity-dtype",
+    type=click.Choice(["uint8", "float16", "float32"]),
+    default="uint8",
+    show_default=True,
+    help="How affinities are stored (uint8 = x255).",
+)
 @click.option("--resume", is_flag=True, help="Continue a killed run; finished blocks are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -358,6 +365,7 @@ def infer(
     scheduler: str | None,
     workers: int,
     voxel_size: str | None,
+    affinity_dtype: str,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -391,6 +399,7 @@ def infer(
         scheduler=scheduler,
         workers=workers,
         voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        affinity_dtype=affinity_dtype,
         resume=resume,
         overwrite=overwrite,
         progress=not no_progress,

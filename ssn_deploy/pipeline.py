@@ -49,21 +49,41 @@ def _round_up(value: float, multiple: int) -> int:
     return max(multiple, int(-(-value // multiple) * multiple))
 
 
-def default_geometry(predictor: Predictor, voxel_size: Sequence[float] | None) -> Geometry:
-    """Shapes that cover about the same distance in nm on every axis.
+def _axis_geometry(extent: float, g: int, context: int, block_nominal: float) -> tuple[int, ...]:
+    """Patch, margin, stride, block and tile along one axis (see :func:`default_geometry`)."""
+    patch = _round_up(extent, g)
+    half = g // 2 if g % 2 == 0 else g  # 2·margin must be a multiple of g
+    margin = min(context, max(half, patch // 8 // half * half))
+    stride = patch - 2 * margin
+    block = stride * max(1, round(block_nominal / stride))
+    tile = block // 2 if block % 2 == 0 else block
+    return patch, margin, block, tile
 
-    Patches span 160 voxels of the finest axis (rounded up to the model's granularity); their
-    margin is an eighth of the patch (capped by the model's context), where outputs saw the
-    patch's padding and are dropped. Cores sit on a global lattice, so results never depend on
-    the blocks. Fragment tiles span 64 × 128 × 128 finest-axis voxels; blocks two tiles per axis.
+
+def default_geometry(
+    predictor: Predictor,
+    voxel_size: Sequence[float] | None,
+    patch_shape: Sequence[int] | None = None,
+) -> Geometry:
+    """Shapes that cover about the same distance in nm on every axis, with no wasted patches.
+
+    Patches span 160 voxels of the finest axis (rounded up to the model's granularity). Their
+    margin, where outputs saw the patch's padding and are dropped, is about an eighth of the
+    patch (capped by the model's context) and chosen so that cores are a multiple of the
+    granularity: cores then tile the volume without overlap. Blocks (~128 × 256 × 256
+    finest-axis voxels) are a multiple of the core, so no patch straddles two blocks, and hold
+    two fragment tiles per axis. Cores sit on a global lattice, so results never depend on
+    the blocks. A given ``patch_shape`` replaces the 160-voxel default.
     """
     vs = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), dtype=float)
     vs = vs / vs.min()  # in units of the finest axis, which gets the nominal voxel counts
-    g = predictor.granularity
-    patch = tuple(_round_up(160 / v, gi) for v, gi in zip(vs, g, strict=True))
-    margin = tuple(min(c, p // 8) for c, p in zip(predictor.context, patch, strict=True))
-    tile = tuple(max(4, round(n / v)) for n, v in zip((64, 128, 128), vs, strict=True))
-    block = tuple(2 * t for t in tile)
+    axes = [
+        _axis_geometry(160 / v, g, c, n / v)
+        for v, g, c, n in zip(
+            vs, predictor.granularity, predictor.context, (128, 256, 256), strict=True
+        )
+    ]
+    patch, margin, block, tile = (tuple(values) for values in zip(*axes, strict=True))
     return Geometry(block, tile, patch, margin, (0, 0, 0))  # type: ignore[arg-type]
 
 
@@ -100,6 +120,7 @@ def infer(
     workers: int = 1,
     threads: int | None = None,
     voxel_size: Sequence[float] | None = None,
+    affinity_dtype: str = "uint8",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -117,15 +138,13 @@ def infer(
         threshold = (
             getattr(getattr(predictor, "spec", None), "threshold", None) or DEFAULT_THRESHOLD
         )
-    geometry = default_geometry(predictor, raw.voxel_size)
+    geometry = default_geometry(predictor, raw.voxel_size, patch_shape)
     if block_shape is not None:
         block = tuple(int(v) for v in block_shape)
         tile = tuple(
             t if b % t == 0 else b for t, b in zip(geometry.fragment_tile, block, strict=True)
         )
         geometry = replace(geometry, block_shape=block, fragment_tile=tile)
-    if patch_shape is not None:
-        geometry = replace(geometry, patch_shape=tuple(int(v) for v in patch_shape))
     log.info("geometry: %s", geometry)
     specs = _stage_specs(out)
     timings = {}
@@ -142,6 +161,7 @@ def infer(
         workers=workers,
         resume=resume,
         overwrite=overwrite,
+        out_dtype=affinity_dtype,
         progress=progress,
     )
     timings["affinities_s"] = time.perf_counter() - start
