@@ -321,7 +321,15 @@ def _quiet_dask(verbose: int) -> None:
     "[default: the model's, chosen on its validation data, else 0.5].",
 )
 @click.option(
-    "--block-shape", default=None, help="Z,Y,X voxels per block [default: from the voxel size]."
+    "--block-shape",
+    default=None,
+    help="Z,Y,X voxels per block, a multiple of the fragment tile [default: from the voxel size].",
+)
+@click.option(
+    "--fragment-tile",
+    default=None,
+    help="Z,Y,X fragment tile: the segmentation depends on it, never on the blocks "
+    "[default: half a default block].",
 )
 @click.option(
     "--patch-shape", default=None, help="Z,Y,X model input per patch [default: from the model]."
@@ -362,6 +370,7 @@ def infer(
     threshold: float | None,
     block_shape: str | None,
     patch_shape: str | None,
+    fragment_tile: str | None,
     scheduler: str | None,
     workers: int,
     voxel_size: str | None,
@@ -396,6 +405,7 @@ def infer(
         threshold=threshold,
         block_shape=_int_triple(block_shape, "--block-shape"),
         patch_shape=_int_triple(patch_shape, "--patch-shape"),
+        fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
         scheduler=scheduler,
         workers=workers,
         voxel_size=parse_triple(voxel_size, "--voxel-size"),

@@ -116,6 +116,7 @@ def infer(
     threshold: float | None = None,
     block_shape: Sequence[int] | None = None,
     patch_shape: Sequence[int] | None = None,
+    fragment_tile: Sequence[int] | None = None,
     scheduler: Any = None,
     workers: int = 1,
     threads: int | None = None,
@@ -139,12 +140,10 @@ def infer(
             getattr(getattr(predictor, "spec", None), "threshold", None) or DEFAULT_THRESHOLD
         )
     geometry = default_geometry(predictor, raw.voxel_size, patch_shape)
+    if fragment_tile is not None:
+        geometry = replace(geometry, fragment_tile=tuple(int(v) for v in fragment_tile))
     if block_shape is not None:
-        block = tuple(int(v) for v in block_shape)
-        tile = tuple(
-            t if b % t == 0 else b for t, b in zip(geometry.fragment_tile, block, strict=True)
-        )
-        geometry = replace(geometry, block_shape=block, fragment_tile=tile)
+        geometry = replace(geometry, block_shape=tuple(int(v) for v in block_shape))
     log.info("geometry: %s", geometry)
     specs = _stage_specs(out)
     timings = {}

@@ -16,7 +16,10 @@ from ssn_deploy.models import ModelConfig, Normalization, build_model, save_chec
 from ssn_deploy.volumes import create_volume, open_volume
 from tests.conftest import sha256
 
-OPTIONS = ["--block-shape", "32,64,64", "--patch-shape", "32,64,64", "--no-progress"]
+OPTIONS = [
+    *("--block-shape", "32,64,64", "--fragment-tile", "32,64,64"),
+    *("--patch-shape", "32,64,64", "--no-progress"),
+]
 
 
 @pytest.fixture(scope="module")

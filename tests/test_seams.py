@@ -40,7 +40,8 @@ def crop_and_model(medulla_250: Path, tmp_path_factory: pytest.TempPathFactory) 
 def run(root: Path, name: str, block: str) -> str:
     out = str(root / f"{name}.zarr")
     args = ["infer", str(root / "raw.zarr"), "-o", out, "--model", str(root / "m.ckpt")]
-    args += ["--block-shape", block, "--patch-shape", "32,64,64", "--affinity-dtype", "float32"]
+    args += ["--block-shape", block, "--fragment-tile", "64,64,64", "--patch-shape", "32,64,64"]
+    args += ["--affinity-dtype", "float32"]
     result = CliRunner().invoke(main, [*args, "--no-progress", "--no-preview"])
     assert result.exit_code == 0, result.output
     return out
