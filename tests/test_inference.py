@@ -393,3 +393,20 @@ def test_bf16_close_to_fp32(checkpoint: Path, raw_crop: np.ndarray) -> None:
     assert bf16.dtype == np.float32
     error = np.abs(bf16 - fp32)
     assert error.max() < 0.1 and error.mean() < 0.02  # bf16 keeps 8 bits of mantissa
+
+
+def test_in_process_cluster_listens_on_loopback_only() -> None:
+    import os
+
+    import psutil
+
+    from ssn_deploy.inference.scheduling import dask_client
+
+    with dask_client(None, 1) as client:
+        listening = [
+            c.laddr.ip
+            for c in psutil.Process(os.getpid()).net_connections()
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert listening and all(ip == "127.0.0.1" for ip in listening), listening

@@ -37,7 +37,9 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
                 processes=False,
                 n_workers=1,
                 threads_per_worker=workers,
-                dashboard_address=None,
+                # its status pages would otherwise listen on every interface
+                dashboard_address="127.0.0.1:0",
+                worker_dashboard_address="127.0.0.1:0",
             ) as cluster,
             Client(cluster) as client,
         ):
