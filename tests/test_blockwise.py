@@ -94,6 +94,8 @@ def test_resume_skips_finished_blocks_and_refuses_existing_output(affs_zarr, tmp
     assert "fragments: skipping 24 finished blocks" in caplog.text
     assert "segmentation: skipping 22 finished blocks" in caplog.text
     np.testing.assert_array_equal(seg[...], reference[...])
+    with pytest.raises(ConfigError, match=r"other settings \(threshold\)"):
+        run(affs_zarr, out, (32, 32, 32), resume=True, threshold=0.7)
 
 
 def test_block_shape_must_hold_whole_fragment_tiles(affs_zarr, tmp_path):

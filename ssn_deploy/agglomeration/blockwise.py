@@ -129,9 +129,19 @@ def _blockwise_output(
 ) -> tuple[Volume, BlockMarkers]:
     if resume:
         try:
-            return open_volume(spec, "r+"), BlockMarkers.open(spec, grid)
+            vol = open_volume(spec, "r+")
         except InputNotFoundError:
-            pass
+            vol = None  # nothing to resume: start afresh
+        if vol is not None:
+            stored = vol.attrs.get("ssn_deploy", {})
+            wanted = attrs["ssn_deploy"]
+            changed = sorted(k for k in wanted if k != "version" and stored.get(k) != wanted[k])
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {spec}: it was written with other settings "
+                    f"({', '.join(changed)}); pass --overwrite to start again"
+                )
+            return vol, BlockMarkers.open(spec, grid)
     vol = create_volume(
         spec,
         like.shape[-3:],
