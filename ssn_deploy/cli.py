@@ -313,6 +313,16 @@ def _quiet_dask(verbose: int) -> None:
     show_default=True,
     help="torch autocast precision (bf16 is fastest on CPUs with AVX512-BF16).",
 )
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (torch).")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Intra-op threads of torch / onnxruntime [default: cores / workers].",
+)
+@click.option(
+    "--batch-size", type=int, default=1, show_default=True, help="Patches per model call."
+)
 @click.option(
     "--threshold",
     type=float,
@@ -367,6 +377,9 @@ def infer(
     backend: str | None,
     device: str,
     precision: str,
+    compile_model: bool,
+    threads: int | None,
+    batch_size: int,
     threshold: float | None,
     block_shape: str | None,
     patch_shape: str | None,
@@ -402,6 +415,9 @@ def infer(
         backend=backend,
         device=device,
         precision=precision,
+        compile=compile_model,
+        threads=threads,
+        batch_size=batch_size,
         threshold=threshold,
         block_shape=_int_triple(block_shape, "--block-shape"),
         patch_shape=_int_triple(patch_shape, "--patch-shape"),

@@ -120,6 +120,8 @@ def infer(
     scheduler: Any = None,
     workers: int = 1,
     threads: int | None = None,
+    compile: bool = False,
+    batch_size: int = 1,
     voxel_size: Sequence[float] | None = None,
     affinity_dtype: str = "uint8",
     resume: bool = False,
@@ -132,7 +134,13 @@ def infer(
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     factory = functools.partial(
-        load_predictor, model, backend, device=device, precision=precision, threads=threads
+        load_predictor,
+        model,
+        backend,
+        device=device,
+        precision=precision,
+        compile=compile,
+        threads=threads,
     )
     predictor = cached_predictor(factory)
     if threshold is None:  # the model's own, chosen on its validation data
@@ -156,6 +164,7 @@ def infer(
         patch_shape=geometry.patch_shape,
         margin=geometry.margin,
         overlap=geometry.overlap,
+        batch_size=batch_size,
         scheduler=scheduler,
         workers=workers,
         resume=resume,

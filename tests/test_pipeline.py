@@ -124,3 +124,18 @@ def test_intensity_baseline_runs_through_the_same_pipeline(workspace: Path, medu
     for channel in affs:  # every channel is the raw intensity
         np.testing.assert_array_equal(channel, raw)
     assert open_volume(f"{out}/affinities").attrs["ssn_deploy"]["predictor"]["model"] == "intensity"
+
+
+def test_onnx_model_gives_the_torch_affinities(workspace: Path) -> None:
+    from ssn_deploy.export import export_onnx
+
+    onnx_path = export_onnx(workspace / "tiny.ckpt", workspace / "tiny.onnx")
+    outs = {}
+    for name, model in (("torch", workspace / "tiny.ckpt"), ("onnx", onnx_path)):
+        out = str(workspace / f"parity_{name}.zarr")
+        args = ["infer", str(workspace / "raw.zarr"), "-o", out, "--model", str(model)]
+        args += [*OPTIONS, "--affinity-dtype", "float32", "--no-preview", "--batch-size", "2"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outs[name] = open_volume(f"{out}/affinities")[...]
+    assert np.abs(outs["onnx"] - outs["torch"]).max() < 1e-4
