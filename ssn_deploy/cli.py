@@ -66,7 +66,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-# --- convert (owner: volumes) -------------------------------------------------------------------
+# --- convert
 
 
 @main.command()
@@ -118,7 +118,7 @@ def convert(
     )
 
 
-# --- evaluate (owner: metrics) ------------------------------------------------------------------
+# --- evaluate
 
 
 def _evaluation_table(report: dict) -> str:
@@ -222,7 +222,7 @@ def evaluate(
     click.echo(text if as_json else _evaluation_table(report))
 
 
-# --- train (owner: training) --------------------------------------------------------------------
+# --- train
 
 
 @main.command()
@@ -264,7 +264,7 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
     click.echo(str(best))
 
 
-# --- infer / segment (owner: lead) --------------------------------------------------------------
+# --- infer / segment
 
 
 def _int_triple(value: str | None, name: str) -> tuple[int, int, int] | None:
@@ -511,7 +511,7 @@ def segment(
     click.echo(f"segmentation: {seg.spec} ({counts})")
 
 
-# --- export (owner: lead) ------------------------------------------------------------------------
+# --- export
 
 
 @main.command()
@@ -538,7 +538,7 @@ def export(checkpoint: str, output: str, opset: int, overwrite: bool) -> None:
     )
 
 
-# --- sample (owner: lead) ------------------------------------------------------------------------
+# --- sample
 
 
 @main.command()
