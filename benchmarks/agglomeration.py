@@ -38,7 +38,7 @@ from ssn_deploy.agglomeration import (
     watershed_fragments,
 )
 from ssn_deploy.agglomeration.region_graph import EdgeStats, blockwise_edge_statistics
-from ssn_deploy.agglomeration.waterz_backend import AFF50_HIS256, _quiet_stdout
+from ssn_deploy.agglomeration.waterz_backend import waterz_core
 from ssn_deploy.metrics import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,23 +79,6 @@ def make_affinities(
     if checkpoint is None:
         raise SystemExit("--affinities model needs --checkpoint")
     return predict(checkpoint, raw)
-
-
-def waterz_core(affs: np.ndarray, frags: np.ndarray, thresholds: Sequence[float]) -> list:
-    """The waterz C++ call alone (fragments already 1..n), one copied segmentation per threshold."""
-    import waterz
-
-    with _quiet_stdout():
-        return [
-            seg.copy()
-            for seg in waterz.agglomerate(
-                affs,
-                thresholds=list(thresholds),
-                fragments=frags,
-                scoring_function=AFF50_HIS256,
-                discretize_queue=256,
-            )
-        ]
 
 
 def ours(

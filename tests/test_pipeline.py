@@ -114,7 +114,7 @@ def test_bad_inputs_fail_with_one_line(workspace: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "o.zarr").exists()
 
 
-def test_intensity_baseline_runs_through_the_same_pipeline(workspace: Path, medulla_250: Path):
+def test_intensity_baseline_runs_through_the_same_pipeline(workspace: Path) -> None:
     out = str(workspace / "baseline.zarr")
     args = ["infer", str(workspace / "raw.zarr"), "-o", out, "--model", "intensity"]
     result = CliRunner().invoke(main, [*args, *OPTIONS, "--no-preview"])

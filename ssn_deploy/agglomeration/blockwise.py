@@ -38,7 +38,7 @@ from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, rel
 from ssn_deploy.agglomeration.region_graph import EdgeStats, edge_statistics, merge_edge_stats
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
-from ssn_deploy.inference.done import BlockMarkers
+from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
 from ssn_deploy.volumes import Volume, create_volume, open_volume
 
@@ -134,13 +134,7 @@ def _blockwise_output(
             vol = None  # nothing to resume: start afresh
         if vol is not None:
             stored = vol.attrs.get("ssn_deploy", {})
-            wanted = attrs["ssn_deploy"]
-            changed = sorted(k for k in wanted if k != "version" and stored.get(k) != wanted[k])
-            if changed:
-                raise ConfigError(
-                    f"cannot resume {spec}: it was written with other settings "
-                    f"({', '.join(changed)}); pass --overwrite to start again"
-                )
+            refuse_changed_settings(spec, stored, attrs["ssn_deploy"], ignore=("version",))
             return vol, BlockMarkers.open(spec, grid)
     vol = create_volume(
         spec,

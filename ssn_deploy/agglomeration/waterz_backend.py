@@ -43,6 +43,27 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
+def waterz_core(affs: np.ndarray, fragments: np.ndarray, thresholds: Sequence[float]) -> list:
+    """The waterz C++ call alone: ``fragments`` already numbered 1..n, thresholds ascending.
+
+    waterz writes into ``fragments`` and yields one view of it per threshold, so each result is
+    copied (or remapped) before the next threshold overwrites it.
+    """
+    import waterz
+
+    with _quiet_stdout():
+        return [
+            seg.copy()
+            for seg in waterz.agglomerate(
+                affs,
+                thresholds=list(thresholds),
+                fragments=fragments,
+                scoring_function=AFF50_HIS256,
+                discretize_queue=256,
+            )
+        ]
+
+
 def agglomerate_waterz(
     affs: np.ndarray,
     fragments: np.ndarray,
@@ -51,8 +72,6 @@ def agglomerate_waterz(
     offsets: Sequence[Offset] = DEFAULT_OFFSETS,
 ) -> list[np.ndarray]:
     """One uint64 segmentation per threshold, merging fragments by median boundary affinity."""
-    import waterz
-
     if tuple(map(tuple, offsets)) != DEFAULT_OFFSETS:
         raise ValueError("waterz needs the three nearest-neighbour offsets, in z, y, x order")
     affs = np.ascontiguousarray(affs[: len(DEFAULT_OFFSETS)], dtype=np.float32)
@@ -63,16 +82,9 @@ def agglomerate_waterz(
     order = {int(old): new for new, old in enumerate(ids.tolist(), start=1)}
     frags = fastremap.remap(fragments, order).astype(np.uint64)
     back = {new: old for old, new in order.items()}
-    with _quiet_stdout():
-        results = [
-            fastremap.remap(seg, back, preserve_missing_labels=True)
-            for seg in waterz.agglomerate(
-                affs,
-                thresholds=sorted(thresholds),
-                fragments=frags,
-                scoring_function=AFF50_HIS256,
-                discretize_queue=256,
-            )
-        ]
-    order = np.argsort(np.argsort(thresholds))
-    return [results[i] for i in order]
+    results = [
+        fastremap.remap(seg, back, preserve_missing_labels=True)
+        for seg in waterz_core(affs, frags, sorted(thresholds))
+    ]
+    rank = np.argsort(np.argsort(thresholds))
+    return [results[i] for i in rank]

@@ -9,11 +9,26 @@ rerun recomputes it; zarr's local store writes chunks atomically (temp file + re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from ssn_deploy.errors import InvalidInputError
+from ssn_deploy.errors import ConfigError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.volumes import Volume, create_volume, open_volume
+
+
+def refuse_changed_settings(
+    spec: str, stored: Mapping[str, Any], wanted: Mapping[str, Any], ignore: tuple[str, ...] = ()
+) -> None:
+    """A run resumes only with the settings it was started with; otherwise outputs would mix."""
+    changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
+    if changed:
+        raise ConfigError(
+            f"cannot resume {spec}: it was written with other settings "
+            f"({', '.join(changed)}); pass --overwrite to start again"
+        )
 
 
 def markers_spec(output_spec: str) -> str:

@@ -30,7 +30,7 @@ from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.blend import PatchGrid
 from ssn_deploy.inference.block import predict_block
 from ssn_deploy.inference.checks import check_raw, describe
-from ssn_deploy.inference.done import BlockMarkers
+from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
 from ssn_deploy.volumes import Volume, create_volume, open_volume, overlaps
@@ -129,12 +129,7 @@ def _prepare_output(
             out = None  # nothing to resume: start afresh
         if out is not None:
             stored = out.attrs.get("ssn_deploy", {}).get("settings") or {}
-            changed = sorted(k for k in settings if stored.get(k) != settings[k])
-            if changed:
-                raise ConfigError(
-                    f"cannot resume {out_spec}: it was written with other settings "
-                    f"({', '.join(changed)}); pass --overwrite to start again"
-                )
+            refuse_changed_settings(out_spec, stored, settings)
             return out, BlockMarkers.open(out_spec, blocks)
     from ssn_deploy import __version__
 
