@@ -400,26 +400,40 @@ def torch_backend(
     return Backend(name, make, precision, device=device, **kw)
 
 
-def onnx_backend(name: str, files: ModelFiles, tmp: Path, device: str, threads: int) -> Backend:
+def export_fp16_once(files: ModelFiles, tmp: Path) -> Path:
+    """The fp16 variant of the graph under test, as ``ssn-deploy export --fp16`` writes it."""
+    path = tmp / "model.fp16.onnx"
+    if not path.is_file():
+        from ssn_deploy.export import export_fp16, export_onnx
+
+        simplified = export_onnx(files.checkpoint, tmp / "model.simplified.onnx", simplify=True)
+        export_fp16(simplified, path)
+    return path
+
+
+def onnx_backend(
+    name: str, files: ModelFiles, tmp: Path, device: str, threads: int, *, fp16: bool = False
+) -> Backend:
+    precision = "fp16" if fp16 else "fp32"
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
     providers = onnxruntime_providers()
     if not providers:
-        return Backend(name, None, "fp32", device, skip="onnxruntime not installed")
+        return Backend(name, None, precision, device, skip="onnxruntime not installed")
     if provider not in providers:
         return Backend(
             name,
             None,
-            "fp32",
+            precision,
             device,
             skip=f"package not installed: onnxruntime {package_version('onnxruntime')} has no "
             f"{provider} (available: {', '.join(providers)}); install onnxruntime-gpu",
         )
 
     def make() -> Predictor:
-        path = export_onnx_once(files, tmp)
+        path = export_fp16_once(files, tmp) if fp16 else export_onnx_once(files, tmp)
         return load_predictor(path, "onnxruntime", device=device, threads=threads)
 
-    return Backend(name, make, "fp32", device)
+    return Backend(name, make, precision, device)
 
 
 class _Timer:

@@ -10,10 +10,11 @@ faces included). ``--full-block`` also *measures* it: ``predict_block`` on one i
 of the 520³ volume per backend (slow on a CPU).
 
 Rows: torch eager fp32 / bf16 autocast, ``torch.compile`` fp32 (its compile time, i.e. the
-first call, is reported apart), onnxruntime CPU fp32; and GPU rows (torch fp32/fp16/bf16,
-``torch.compile``, ``torch.compile`` with CUDA graphs, onnxruntime CUDA, TensorRT through
-onnxruntime's TensorRT provider), measured only with ``--device cuda`` and otherwise recorded
-as "not measured" with the reason. A backend that fails records its error text.
+first call, is reported apart), onnxruntime CPU fp32 and the fp16 graph of ``ssn-deploy
+export --fp16``; and GPU rows (torch fp32/fp16/bf16, ``torch.compile``, ``torch.compile``
+with CUDA graphs, onnxruntime CUDA fp32/fp16, ssn-deploy's own TensorRT fp16 engine, and
+TensorRT through onnxruntime's provider), measured only with ``--device cuda`` and otherwise
+recorded as "not measured" with the reason. A backend that fails records its error text.
 
     python benchmarks/backends.py [--quick] [--device cpu|cuda] [--checkpoint PATH]
         [--threads N] [--full-block] [--no-compile] [--data DIR]
@@ -131,29 +132,54 @@ class SessionPredictor(SpecGeometry):
         return np.asarray(out, dtype=np.float32)
 
 
-def _tensorrt_predictor(files: c.ModelFiles, tmp: Path) -> Predictor:
+def _tensorrt_predictor(files: c.ModelFiles, tmp: Path, patch_shape: c.Triple) -> Predictor:
+    """ssn-deploy's own engine (export.tensorrt): fp16, profile up to one default patch."""
+    from ssn_deploy.export.tensorrt import EngineCache, profile_for
+    from ssn_deploy.inference.tensorrt_backend import TensorRTPredictor
+
+    onnx = c.export_onnx_once(files, tmp)
+    spec = ModelSpec.from_checkpoint(load_checkpoint(files.checkpoint))
+    engine = EngineCache(tmp / "trt-cache").get_or_build(
+        onnx, profile_for(spec, patch_shape), fp16=True
+    )
+    return TensorRTPredictor(engine)
+
+
+def _ort_tensorrt_predictor(files: c.ModelFiles, tmp: Path) -> Predictor:
     options = {
         "trt_fp16_enable": True,
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(tmp / "trt-cache"),
+        "trt_engine_cache_path": str(tmp / "ort-trt-cache"),
     }
     onnx = c.export_onnx_once(files, tmp)
     return SessionPredictor(onnx, [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
 
 
 def _tensorrt_missing() -> str | None:
-    """Why TensorRT cannot run here, or None if onnxruntime offers its provider."""
+    """Why ssn-deploy's TensorRT engines cannot be built here, or None."""
+    from ssn_deploy.errors import ConfigError
+    from ssn_deploy.export.tensorrt import require_tensorrt
+
+    try:
+        require_tensorrt()
+    except ConfigError as exc:
+        return f"package not installed: {exc}"
+    return None
+
+
+def _ort_tensorrt_missing() -> str | None:
+    """Why onnxruntime's TensorRT provider cannot run here, or None."""
     if "TensorrtExecutionProvider" in c.onnxruntime_providers():
         return None
-    trt = "installed" if c.package_version("tensorrt") else "not installed"
     return (
-        f"package not installed: onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu "
-        f"with TensorRT libraries needed; tensorrt python package {trt}; ssn_deploy has no "
-        "TensorRT engine builder yet)"
+        "package not installed: onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu "
+        "with TensorRT libraries needed)"
     )
 
 
-def gpu_backends(args: argparse.Namespace, files: c.ModelFiles, tmp: Path) -> list[c.Backend]:
+def gpu_backends(
+    args: argparse.Namespace, files: c.ModelFiles, tmp: Path, patch_shape: c.Triple
+) -> list[c.Backend]:
     """GPU rows; without ``--device cuda`` each is a "not measured" row with its reason."""
     dev, threads = "cuda", args.threads
     rows = [
@@ -188,13 +214,22 @@ def gpu_backends(args: argparse.Namespace, files: c.ModelFiles, tmp: Path) -> li
             extra=COMPILES,
         ),
         c.onnx_backend("onnxruntime cuda fp32", files, tmp, dev, threads),
+        c.onnx_backend("onnxruntime cuda fp16", files, tmp, dev, threads, fp16=True),
         c.Backend(
-            "tensorrt fp16 (onnxruntime)",
-            functools.partial(_tensorrt_predictor, files, tmp),
+            "tensorrt fp16 (ssn-deploy engine)",
+            functools.partial(_tensorrt_predictor, files, tmp, patch_shape),
+            "fp16",
+            device=dev,
+            skip=_tensorrt_missing(),
+            note="engine built (cached) when the predictor is made, before timing",
+        ),
+        c.Backend(
+            "tensorrt fp16 (onnxruntime provider)",
+            functools.partial(_ort_tensorrt_predictor, files, tmp),
             "fp16",
             device=dev,
             warmup=2,
-            skip=_tensorrt_missing(),
+            skip=_ort_tensorrt_missing(),
             note="first call builds the TensorRT engine (compile_s)",
             extra=COMPILES,
         ),
@@ -238,6 +273,7 @@ def cpu_backends(args: argparse.Namespace, files: c.ModelFiles, tmp: Path) -> li
         c.torch_backend("torch eager bf16", files, "cpu", "bf16", threads),
         compile_row,
         c.onnx_backend("onnxruntime cpu fp32", files, tmp, "cpu", threads),
+        c.onnx_backend("onnxruntime cpu fp16", files, tmp, "cpu", threads, fp16=True),
     ]
 
 
@@ -347,7 +383,9 @@ def main() -> None:
         geo = geometry(files.checkpoint, args.quick)
         flops = c.conv_flops(files.checkpoint, geo["patch_shape"])
         peaks = c.matmul_peaks(args.device, args.quick)
-        backends = cpu_backends(args, files, tmp) + gpu_backends(args, files, tmp)
+        backends = cpu_backends(args, files, tmp) + gpu_backends(
+            args, files, tmp, geo["patch_shape"]
+        )
         if "onnxruntime" in " ".join(b.name for b in backends if not b.skip):
             c.try_export_onnx(files, tmp)
         patches = c.read_patches(args.data, geo["patch_shape"], args.patches, args.seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -205,7 +206,6 @@ def evaluate(
       ssn-deploy evaluate seg.zarr gt.hdf:volumes/labels/neuron_ids --ignore-id 135478
     """
     import json
-    from pathlib import Path
 
     from ssn_deploy.errors import OutputExistsError
     from ssn_deploy.metrics import evaluate as evaluate_volumes
@@ -296,14 +296,15 @@ def _quiet_dask(verbose: int) -> None:
     "--model",
     default="default",
     show_default=True,
-    help="'default' (packaged), FILE.ckpt (torch), FILE.onnx (onnxruntime), or 'intensity' "
+    help="'default' (packaged), FILE.ckpt (torch), FILE.onnx (onnxruntime), FILE.plan "
+    "(TensorRT engine from ssn-deploy export --format tensorrt), or 'intensity' "
     "(no-network baseline: raw intensity as affinities).",
 )
 @click.option(
     "--backend",
-    type=click.Choice(["torch", "onnxruntime"]),
+    type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
     default=None,
-    help="Defaults to the one matching --model.",
+    help="Defaults to the one matching --model (.ckpt torch, .onnx onnxruntime, .plan tensorrt).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -406,7 +407,8 @@ def infer(
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
     if backend is None:
-        backend = "onnxruntime" if model.endswith(".onnx") else "torch"
+        suffixes = {".onnx": "onnxruntime", ".plan": "tensorrt"}
+        backend = suffixes.get(Path(model).suffix, "torch")
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
     result = run_infer(
         volume,
@@ -517,25 +519,101 @@ def segment(
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory.")
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice(["onnx", "tensorrt"]),
+    multiple=True,
+    default=("onnx",),
+    show_default=True,
+    help="Artefacts to build; tensorrt (needs a GPU and the tensorrt package) implies onnx.",
+)
+@click.option(
+    "--fp16", is_flag=True, help="Also write model.fp16.onnx; TensorRT engines are built in fp16."
+)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option(
+    "--simplify/--no-simplify",
+    default=True,
+    show_default=True,
+    help="Fold constants and BatchNorm into the convolutions (onnxscript optimizer).",
+)
+@click.option(
+    "--patch-shape",
+    default=None,
+    help="Z,Y,X largest patch a TensorRT engine accepts [default: infer's patch for this model].",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Largest batch a TensorRT engine accepts (infer --batch-size).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where onnxruntime runs the parity check.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing files in the directory.")
-def export(checkpoint: str, output: str, opset: int, overwrite: bool) -> None:
-    """Export CHECKPOINT for deployment: model.ckpt, model.onnx and parity.json in OUTPUT.
+def export(
+    checkpoint: str,
+    output: str,
+    formats: tuple[str, ...],
+    fp16: bool,
+    opset: int,
+    simplify: bool,
+    patch_shape: str | None,
+    max_batch: int,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Export CHECKPOINT for deployment into OUTPUT, with a parity report.
 
-    model.ckpt keeps the weights only (no optimizer or RNG state); model.onnx has dynamic
-    batch and z/y/x axes and carries offsets, normalisation, voxel size, context and
-    granularity in its metadata, so `ssn-deploy infer --model model.onnx` needs nothing else.
-    parity.json compares onnxruntime with torch on a real EM block.
+    Writes model.ckpt (weights only: no optimizer or RNG state), model.onnx (dynamic batch and
+    z/y/x axes; offsets, normalisation, voxel size, context, granularity and threshold in its
+    metadata, so `ssn-deploy infer --model model.onnx` needs nothing else), model.fp16.onnx
+    with --fp16, and with --format tensorrt an engine under tensorrt/<sm_XY>/ (built for this
+    GPU, cached by ONNX hash, profile and precision).
+
+    parity.json runs every artefact on a real EM block of the bundled sample, as infer would,
+    and compares it with torch fp32: max |affinity difference| (tolerance 1e-4, fp16 1e-2) and
+    the difference of the segmentations' VOI against the ground truth (tolerance 0.01); the
+    VOI between the two segmentations is reported too. Exits with status 1 if an artefact is
+    out of tolerance.
     """
-    from ssn_deploy.export import export_model
+    from ssn_deploy.parity import export_with_parity
 
-    result = export_model(checkpoint, output, opset=opset, overwrite=overwrite)
-    parity = result["parity"]
-    for name in ("model.ckpt", "model.onnx", "parity.json"):
-        click.echo(f"wrote {result[name]}")
-    click.echo(
-        f"parity on {parity['shape']}: max |onnxruntime - torch| = {parity['max_abs_diff']:.2e}"
+    formats = tuple(dict.fromkeys(("onnx", *formats)))
+    result = export_with_parity(
+        checkpoint,
+        output,
+        formats=formats,
+        fp16=fp16,
+        opset=opset,
+        simplify=simplify,
+        patch_shape=_int_triple(patch_shape, "--patch-shape"),
+        max_batch=max_batch,
+        device=device,
+        overwrite=overwrite,
     )
+    for path in result["files"].values():
+        click.echo(f"wrote {path}")
+    report = result["parity"]
+    click.echo(f"parity on {report['shape']} (reference: torch fp32):")
+    for name, row in report["variants"].items():
+        if "not_run" in row:
+            click.echo(f"  {name}: not run ({row['not_run']})")
+            continue
+        click.echo(
+            f"  {name}: max |diff| {row['max_abs_diff']:.2e}, VOI to ground truth "
+            f"{row['to_ground_truth']['voi']:.4f} (torch "
+            f"{report['reference']['to_ground_truth']['voi']:.4f}), VOI between the "
+            f"segmentations {row['segmentation_vs_reference']['voi']:.4f}: "
+            f"{'ok' if row['ok'] else 'FAILED'}"
+        )
 
 
 # --- sample

@@ -144,9 +144,7 @@ def infer(
     )
     predictor = cached_predictor(factory)
     if threshold is None:  # the model's own, chosen on its validation data
-        threshold = (
-            getattr(getattr(predictor, "spec", None), "threshold", None) or DEFAULT_THRESHOLD
-        )
+        threshold = model_threshold(predictor)
     geometry = default_geometry(predictor, raw.voxel_size, patch_shape)
     if fragment_tile is not None:
         geometry = replace(geometry, fragment_tile=tuple(int(v) for v in fragment_tile))
@@ -181,7 +179,7 @@ def infer(
         threshold=threshold,
         block_shape=geometry.block_shape,
         fragment_tile=geometry.fragment_tile,
-        anisotropic=_is_anisotropic(raw.voxel_size),
+        anisotropic=is_anisotropic(raw.voxel_size),
         scheduler=scheduler,
         workers=workers,
         resume=resume,
@@ -204,6 +202,11 @@ def infer(
     return result
 
 
-def _is_anisotropic(voxel_size: Sequence[float] | None) -> bool:
+def model_threshold(predictor: Predictor) -> float:
+    """The agglomeration threshold the model carries (chosen on validation), else the default."""
+    return getattr(getattr(predictor, "spec", None), "threshold", None) or DEFAULT_THRESHOLD
+
+
+def is_anisotropic(voxel_size: Sequence[float] | None) -> bool:
     """Serial-section data (z ≥ 2× the in-plane size) gets per-section fragments."""
     return voxel_size is not None and voxel_size[0] >= 2 * min(voxel_size[1:])

@@ -139,3 +139,46 @@ def test_onnx_model_gives_the_torch_affinities(workspace: Path) -> None:
         assert result.exit_code == 0, result.output
         outs[name] = open_volume(f"{out}/affinities")[...]
     assert np.abs(outs["onnx"] - outs["torch"]).max() < 1e-4
+
+
+def test_fp16_export_of_the_default_model_through_infer(
+    workspace: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 5 acceptance on real EM: fp16 affinities within 1e-2 of torch, VOI ≤ 0.01."""
+    from ssn_deploy.export import export_fp16, export_onnx
+    from ssn_deploy.inference.loader import default_model
+    from ssn_deploy.metrics import evaluate
+
+    root = tmp_path_factory.mktemp("fp16")
+    checkpoint = default_model("torch")
+    fp16 = export_fp16(
+        export_onnx(checkpoint, root / "m.onnx", simplify=True), root / "m.fp16.onnx"
+    )
+    outs, segs = {}, {}
+    for name, model in (("torch", checkpoint), ("fp16", fp16)):
+        out = str(root / f"{name}.zarr")
+        args = ["infer", str(workspace / "raw.zarr"), "-o", out, "--model", str(model)]
+        args += [*OPTIONS, "--affinity-dtype", "float32", "--no-preview"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outs[name] = open_volume(f"{out}/affinities")[...]
+        segs[name] = open_volume(f"{out}/segmentation")[...]
+    assert (
+        open_volume(f"{root}/fp16.zarr/affinities").attrs["ssn_deploy"]["predictor"]["precision"]
+        == "fp16"
+    )
+    diff = np.abs(outs["fp16"] - outs["torch"])
+    assert 0 < diff.max() < 1e-2
+    assert evaluate(segs["fp16"], segs["torch"])["voi"] <= 0.01
+
+
+def test_tensorrt_engine_on_a_cpu_machine_is_a_clear_error(workspace: Path) -> None:
+    engine = workspace / "model.plan"
+    engine.write_bytes(b"not an engine")
+    args = ["infer", str(workspace / "raw.zarr"), "-o", str(workspace / "trt.zarr")]
+    result = CliRunner().invoke(main, [*args, "--model", str(engine), *OPTIONS])
+    assert result.exit_code == 1
+    assert "error: the tensorrt backend runs on a GPU: pass --device cuda" in result.output
+    result = CliRunner().invoke(main, [*args, "--model", str(engine), "--device", "cuda"])
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert not (workspace / "trt.zarr").exists()

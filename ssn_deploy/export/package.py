@@ -1,80 +1,78 @@
-"""A model directory for deployment: weights-only checkpoint, ONNX graph and a parity report.
+"""A model directory for deployment: weights-only checkpoint, ONNX graphs, TensorRT engines.
 
-The parity report compares onnxruntime with torch (fp32) on a real EM block (the bundled
-sample), so every exported graph ships with the evidence that it computes the same thing.
+``DIR/model.ckpt`` (weights only), ``DIR/model.onnx`` (fp32, optionally simplified),
+``DIR/model.fp16.onnx`` (``fp16=True``) and ``DIR/tensorrt/<sm_XY>/model-<key>.plan`` (format
+``tensorrt``, built on this machine's GPU). Engines are cached per compute capability, so
+running the same export on other GPUs adds their engines beside the first. The parity report
+that checks every artefact against torch lives in :mod:`ssn_deploy.parity`, which runs them
+through the same predictors as ``ssn-deploy infer``.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
 
 from ssn_deploy import __version__
-from ssn_deploy.errors import OutputExistsError
-from ssn_deploy.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, export_onnx
-from ssn_deploy.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ssn_deploy.errors import ConfigError, OutputExistsError
+from ssn_deploy.export.onnx_export import DEFAULT_OPSET, export_fp16, export_onnx
+from ssn_deploy.models.checkpoint import load_checkpoint, save_checkpoint
+from ssn_deploy.models.spec import ModelSpec, Triple
 
-PARITY_BLOCK = (64, 128, 128)
+log = logging.getLogger(__name__)
 
-
-def _parity_input(ckpt: Checkpoint) -> np.ndarray:
-    """A normalised block of the bundled sample, cropped to a multiple of the granularity."""
-    from ssn_deploy.sample import load_sample
-
-    raw = load_sample()["raw"]
-    shape = [
-        max(g, min(n, b) // g * g)
-        for n, b, g in zip(raw.shape, PARITY_BLOCK, ckpt.config.granularity, strict=True)
-    ]
-    block = raw[: shape[0], : shape[1], : shape[2]]
-    return ckpt.normalization(block)[None, None]
+FORMATS = ("onnx", "tensorrt")
+CHECKPOINT = "model.ckpt"
+ONNX = "model.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+TENSORRT_DIR = "tensorrt"
 
 
-def parity_report(ckpt: Checkpoint, onnx_path: Path) -> dict[str, Any]:
-    """Max/mean |onnxruntime − torch| on a real block, and each one's time."""
-    import onnxruntime as ort
-
-    x = _parity_input(ckpt)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        reference = ckpt.model.eval()(torch.from_numpy(x)).numpy()
-    torch_s = time.perf_counter() - start
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    start = time.perf_counter()
-    (onnx_out,) = session.run(None, {INPUT_NAME: x})
-    onnx_s = time.perf_counter() - start
-    diff = np.abs(onnx_out - reference)
-    return {
-        "input": "bundled sample (fib_medulla_250 test region crop)",
-        "shape": list(x.shape),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "torch_fp32_seconds": torch_s,
-        "onnxruntime_cpu_seconds": onnx_s,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-    }
+def planned_files(out_dir: Path, formats: Sequence[str], fp16: bool) -> list[Path]:
+    """The files an export writes that an earlier export may have left (engines are cached)."""
+    names = [CHECKPOINT, ONNX, *([ONNX_FP16] if fp16 else []), "parity.json"]
+    return [out_dir / name for name in names]
 
 
 def export_model(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
+    formats: Sequence[str] = ("onnx",),
+    fp16: bool = False,
     opset: int = DEFAULT_OPSET,
+    simplify: bool = True,
+    patch_shape: Triple | None = None,
+    max_batch: int = 1,
     overwrite: bool = False,
-) -> dict[str, Any]:
-    """Write ``model.ckpt`` (weights only), ``model.onnx`` and ``parity.json`` into ``out_dir``."""
+) -> dict[str, Path]:
+    """Write the artefacts into ``out_dir``; returns ``{name: path}``.
+
+    ``patch_shape`` and ``max_batch`` bound the TensorRT optimisation profile (the engine
+    accepts batches of 1…``max_batch`` patches from the granularity up to ``patch_shape``).
+    Everything that can fail for a missing dependency or a bad option fails before a file is
+    written.
+    """
     out_dir = Path(out_dir)
-    files = {name: out_dir / name for name in ("model.ckpt", "model.onnx", "parity.json")}
-    existing = [str(p) for p in files.values() if p.exists()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"format: expected some of {FORMATS}, got {list(formats)}")
+    existing = [str(p) for p in planned_files(out_dir, formats, fp16) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite")
     ckpt = load_checkpoint(checkpoint)
+    profile = None
+    if "tensorrt" in formats:
+        from ssn_deploy.export import tensorrt
+
+        tensorrt.require_tensorrt()
+        tensorrt.compute_capability()  # fails here, not after the ONNX export, without a GPU
+        if patch_shape is None:
+            raise ConfigError("a TensorRT export needs the largest patch shape (--patch-shape)")
+        profile = tensorrt.profile_for(ModelSpec.from_checkpoint(ckpt), patch_shape, max_batch)
+
+    files = {"model.ckpt": out_dir / CHECKPOINT, "model.onnx": out_dir / ONNX}
     extra = {k: v for k, v in ckpt.extra.items() if k in ("best", "config", "versions")}
     save_checkpoint(
         files["model.ckpt"],
@@ -84,7 +82,14 @@ def export_model(
         iteration=ckpt.iteration,
         extra=extra | {"exported_by": f"ssn-deploy {__version__}", "source": str(checkpoint)},
     )
-    export_onnx(ckpt, files["model.onnx"], opset=opset, overwrite=True)
-    report = parity_report(ckpt, files["model.onnx"])
-    files["parity.json"].write_text(json.dumps(report, indent=2) + "\n")
-    return {name: str(path) for name, path in files.items()} | {"parity": report}
+    export_onnx(ckpt, files["model.onnx"], opset=opset, simplify=simplify, overwrite=True)
+    if fp16:
+        files["model.fp16.onnx"] = export_fp16(
+            files["model.onnx"], out_dir / ONNX_FP16, overwrite=True
+        )
+    if profile is not None:
+        from ssn_deploy.export.tensorrt import EngineCache
+
+        cache = EngineCache(out_dir / TENSORRT_DIR)
+        files["tensorrt"] = cache.get_or_build(files["model.onnx"], profile, fp16=fp16)
+    return files

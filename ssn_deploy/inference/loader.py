@@ -14,17 +14,23 @@ from ssn_deploy.inference.baseline import NAME as INTENSITY
 from ssn_deploy.inference.baseline import IntensityPredictor
 from ssn_deploy.inference.predictor import Predictor
 
-BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx"}
+BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx", "tensorrt": ".plan"}
+PACKAGED = ("torch", "onnxruntime")
 
 
 def default_model(backend: str) -> Path:
     """The packaged model for ``backend`` (``ssn_deploy/assets/models/default.ckpt|.onnx``)."""
+    if backend not in PACKAGED:
+        raise InputNotFoundError(
+            f"no packaged default model for {backend}: engines are built per GPU, with "
+            "ssn-deploy export CKPT -o DIR --format tensorrt; pass the .plan it writes"
+        )
     path = Path(str(resources.files("ssn_deploy") / "assets" / "models" / "default"))
     path = path.with_suffix(BACKENDS[backend])
     if not path.is_file():
         raise InputNotFoundError(
             f"no packaged default model at {path}; pass a model file "
-            f"({' or '.join(BACKENDS.values())})"
+            f"({' or '.join(BACKENDS[b] for b in PACKAGED)})"
         )
     return path
 
@@ -38,10 +44,12 @@ def load_predictor(
     compile: bool = False,
     threads: int | None = None,
 ) -> Predictor:
-    """A predictor for ``model`` (a .ckpt for torch, an .onnx for onnxruntime, or "default").
+    """A predictor for ``model``: a .ckpt for torch, an .onnx for onnxruntime, a .plan (built
+    by ``ssn-deploy export --format tensorrt``) for TensorRT, or "default".
 
-    ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; an ONNX graph runs in
-    the precision it was exported with. ``model="intensity"`` is the no-network baseline.
+    ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; ONNX graphs and engines
+    run in the precision they were exported with. ``model="intensity"`` is the no-network
+    baseline.
     """
     if str(model) == INTENSITY:
         return IntensityPredictor()
@@ -61,8 +69,16 @@ def load_predictor(
         )
     if precision != "fp32" or compile:
         raise ConfigError(
-            "onnxruntime runs the graph as exported: --precision and --compile apply to torch"
+            f"{backend} runs the model as exported: --precision and --compile apply to torch "
+            "(export an fp16 variant with ssn-deploy export --fp16)"
         )
+    if backend == "tensorrt":
+        from ssn_deploy.inference.tensorrt_backend import TensorRTPredictor
+
+        if not device.startswith("cuda"):
+            raise ConfigError("the tensorrt backend runs on a GPU: pass --device cuda")
+        index = int(device.partition(":")[2] or 0)
+        return TensorRTPredictor(path, device=index)
     from ssn_deploy.inference.onnx_backend import OnnxPredictor
 
     return OnnxPredictor(path, device=device, threads=threads)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
+from ssn_deploy.export.graph_passes import graph_precision
 from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -83,7 +84,7 @@ class OnnxPredictor(SpecGeometry):
             "model": str(path),
             "backend": "onnxruntime",
             "device": device,
-            "precision": "as exported",
+            "precision": graph_precision(self._session.get_modelmeta().custom_metadata_map),
             "onnxruntime": ort.__version__,
         }
 
