@@ -345,14 +345,19 @@ def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: str) -> dict[s
     }
 
 
-def matmul_peaks(device: str, quick: bool) -> dict[str, dict[str, Any]]:
-    """fp32 and bf16 peaks (plus fp16 and TF32 on a GPU), keyed like the rows' ``peak``."""
+def matmul_peaks(
+    device: str, quick: bool, dtypes: set[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """fp32 and bf16 peaks (plus fp16 and TF32 on a GPU), keyed like the rows' ``peak``.
+
+    ``dtypes`` limits the bf16 peak to runs that measure a bf16 row: without AVX512-BF16 a
+    bf16 matmul falls back to an emulation path that takes minutes at this size.
+    """
     n = 1024 if quick else (8192 if device == "cuda" else 4096)
     repeats = 3 if quick else (10 if device == "cuda" else 5)
-    peaks = {
-        "fp32": matmul_peak(torch.float32, n, repeats, device),
-        "bf16": matmul_peak(torch.bfloat16, n, repeats, device),
-    }
+    peaks = {"fp32": matmul_peak(torch.float32, n, repeats, device)}
+    if dtypes is None or "bf16" in dtypes:
+        peaks["bf16"] = matmul_peak(torch.bfloat16, n, repeats, device)
     if device == "cuda":
         peaks["fp16"] = matmul_peak(torch.float16, n, repeats, device)
         previous = torch.backends.cuda.matmul.allow_tf32

@@ -17,7 +17,8 @@ TensorRT through onnxruntime's provider), measured only with ``--device cuda`` a
 recorded as "not measured" with the reason. A backend that fails records its error text.
 
     python benchmarks/backends.py [--quick] [--device cpu|cuda] [--checkpoint PATH]
-        [--threads N] [--full-block] [--no-compile] [--data DIR]
+        [--threads N] [--full-block] [--no-compile] [--skip TEXT ...] [--data DIR]
+        [--output PATH]
 
 Writes benchmarks/results/backends.json (``--quick``: backends_quick.json).
 """
@@ -61,6 +62,14 @@ def parse_args() -> argparse.Namespace:
         help="also time predict_block on one interior default block per backend",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="record rows whose name contains TEXT as skipped (repeatable; e.g. bf16 on a CPU "
+        "without AVX512-BF16, where bf16 runs on a slow emulation path)",
+    )
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results)")
     args = parser.parse_args()
     args.patches = args.patches or (2 if args.quick else 3)
@@ -382,10 +391,15 @@ def main() -> None:
         files = c.prepare_checkpoint(args.checkpoint, tmp, args.seed)
         geo = geometry(files.checkpoint, args.quick)
         flops = c.conv_flops(files.checkpoint, geo["patch_shape"])
-        peaks = c.matmul_peaks(args.device, args.quick)
         backends = cpu_backends(args, files, tmp) + gpu_backends(
             args, files, tmp, geo["patch_shape"]
         )
+        for backend in backends:
+            skipped = [text for text in args.skip if text in backend.name]
+            if skipped and not backend.skip:
+                backend.skip = f"skipped (--skip {skipped[0]})"
+        measured = {b.peak for b in backends if not b.skip}
+        peaks = c.matmul_peaks(args.device, args.quick, measured)
         if "onnxruntime" in " ".join(b.name for b in backends if not b.skip):
             c.try_export_onnx(files, tmp)
         patches = c.read_patches(args.data, geo["patch_shape"], args.patches, args.seed)

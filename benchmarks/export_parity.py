@@ -63,6 +63,7 @@ def main() -> None:
 
 
 def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
+    from ssn_deploy.inference.engine import encode_affinities
     from ssn_deploy.metrics import evaluate
     from ssn_deploy.volumes import open_volume
 
@@ -97,11 +98,17 @@ def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
         rows[name]["to_ground_truth"]["arand"] = scores["arand"]
         if name == "torch fp32":
             continue
-        diff = np.abs(open_volume(f"{out}/affinities")[...] - reference_affs)
+        affs = open_volume(f"{out}/affinities")[...]
+        diff = np.abs(affs - reference_affs)
         between = evaluate(seg, reference)
         rows[name] |= {
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
+            "uint8_changed_fraction": float(
+                np.mean(
+                    encode_affinities(affs, "uint8") != encode_affinities(reference_affs, "uint8")
+                )
+            ),
             "segmentation_vs_torch": {k: between[k] for k in ("voi_split", "voi_merge", "voi")},
             "voi_to_ground_truth_difference": abs(
                 rows[name]["to_ground_truth"]["voi"] - rows["torch fp32"]["to_ground_truth"]["voi"]
@@ -127,12 +134,19 @@ def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"{report['what']} ({report['voxels']:,} voxels)")
-    print(f"{'artefact':<18} {'max|Δ|':>9} {'VOI vs torch':>13} {'VOI to GT':>10} {'infer s':>8}")
+    header = f"{'artefact':<18} {'max|Δ|':>9} {'VOI to GT':>10} {'|ΔVOI|':>8} {'VOI between':>12}"
+    print(header + f" {'infer s':>8}  ok")
     for name, row in report["backends"].items():
-        diff = f"{row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "-"
-        between = f"{row['segmentation_vs_torch']['voi']:.4f}" if "ok" in row else "-"
+        measured = "ok" in row
+        diff = f"{row['max_abs_diff']:.2e}" if measured else "-"
+        delta = f"{row['voi_to_ground_truth_difference']:.4f}" if measured else "-"
+        between = f"{row['segmentation_vs_torch']['voi']:.4f}" if measured else "-"
         voi = row["to_ground_truth"]["voi"]
-        print(f"{name:<18} {diff:>9} {between:>13} {voi:>10.4f} {row['infer_seconds']:>8.1f}")
+        verdict = ("yes" if row["ok"] else "NO") if measured else "reference"
+        print(
+            f"{name:<18} {diff:>9} {voi:>10.4f} {delta:>8} {between:>12} "
+            f"{row['infer_seconds']:>8.1f}  {verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch
 
 from ssn_deploy.geometry import BlockGrid, Box
 from ssn_deploy.inference import PatchGrid, predict_affinities, predict_block
-from ssn_deploy.inference.engine import _encode
+from ssn_deploy.inference.engine import encode_affinities
 from ssn_deploy.models import load_checkpoint
 from ssn_deploy.models.spec import ModelSpec
 from ssn_deploy.pipeline import default_geometry
@@ -221,7 +221,7 @@ def block_numpy_memory(raw_spec: str, files: c.ModelFiles, plan: Plan) -> dict[s
     tracemalloc.start()
     try:
         aff = predict_block(raw, block.write_box, model, plan.grid())
-        encoded = _encode(aff, "uint8")
+        encoded = encode_affinities(aff, "uint8")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

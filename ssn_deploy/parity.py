@@ -12,6 +12,7 @@ gated, because merge decisions near the threshold flip on any rounding and casca
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from ssn_deploy import __version__
 from ssn_deploy.agglomeration import segment_affinities
 from ssn_deploy.errors import SsnDeployError
 from ssn_deploy.export.package import export_model
+from ssn_deploy.inference.engine import encode_affinities
 from ssn_deploy.inference.loader import load_predictor
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.metrics import evaluate
@@ -116,10 +118,10 @@ def compare(
         entry: dict[str, Any] = {"file": str(variant.path), "precision": variant.precision}
         try:
             predictor = variant.load()
-        except SsnDeployError as exc:
+            affs, seconds = _predict(predictor, x)
+        except SsnDeployError as exc:  # e.g. no CUDA provider, a block outside an engine profile
             report["variants"][variant.name] = entry | {"not_run": str(exc)}
             continue
-        affs, seconds = _predict(predictor, x)
         diff = np.abs(affs - ref_affs)
         seg = segment(affs[0])
         between = _voi(seg, ref_seg)
@@ -130,6 +132,9 @@ def compare(
             "seconds": seconds,
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
+            "uint8_changed_fraction": float(
+                np.mean(encode_affinities(affs, "uint8") != encode_affinities(ref_affs, "uint8"))
+            ),
             "segmentation_vs_reference": between,
             "segmentations_identical": bool(np.array_equal(seg, ref_seg)),
             "to_ground_truth": to_truth,
@@ -144,24 +149,18 @@ def compare(
 
 
 def _variants(files: Mapping[str, Path], device: str) -> list[Variant]:
-    def onnx(path: Path) -> Callable[[], Predictor]:
-        return lambda: load_predictor(path, "onnxruntime", device=device)
-
-    found = [Variant("onnxruntime fp32", files["model.onnx"], onnx(files["model.onnx"]), "fp32")]
-    if "model.fp16.onnx" in files:
-        path = files["model.fp16.onnx"]
-        found.append(Variant("onnxruntime fp16", path, onnx(path), "fp16"))
+    found = []
+    for name, key in (("onnxruntime fp32", "model.onnx"), ("onnxruntime fp16", "model.fp16.onnx")):
+        if key in files:
+            load = functools.partial(load_predictor, files[key], "onnxruntime", device=device)
+            found.append(Variant(name, files[key], load, name.split()[-1]))
     if "tensorrt" in files:
+        from ssn_deploy.export.tensorrt import read_sidecar
+
         engine = files["tensorrt"]
-        precision = json.loads(Path(f"{engine}.json").read_text()).get("fp16") and "fp16"
-        found.append(
-            Variant(
-                f"tensorrt {precision or 'fp32'}",
-                engine,
-                lambda: load_predictor(engine, "tensorrt", device="cuda"),
-                precision or "fp32",
-            )
-        )
+        precision = "fp16" if read_sidecar(engine)["fp16"] else "fp32"
+        load = functools.partial(load_predictor, engine, "tensorrt", device="cuda")
+        found.append(Variant(f"tensorrt {precision}", engine, load, precision))
     return found
 
 

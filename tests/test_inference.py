@@ -410,3 +410,16 @@ def test_in_process_cluster_listens_on_loopback_only() -> None:
         ]
         assert client.submit(sum, [1, 2]).result() == 3
     assert listening and all(ip == "127.0.0.1" for ip in listening), listening
+
+
+def test_bf16_without_native_support_warns(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ssn_deploy.inference import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="ssn_deploy.inference.torch_backend"):
+        load_predictor(str(checkpoint), "torch", precision="bf16", threads=1)
+        load_predictor(str(checkpoint), "torch", precision="fp32", threads=1)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "bf16 is emulated" in warnings_[0]

@@ -29,8 +29,8 @@ ONNX_FP16 = "model.fp16.onnx"
 TENSORRT_DIR = "tensorrt"
 
 
-def planned_files(out_dir: Path, formats: Sequence[str], fp16: bool) -> list[Path]:
-    """The files an export writes that an earlier export may have left (engines are cached)."""
+def planned_files(out_dir: Path, fp16: bool) -> list[Path]:
+    """The files an export (with its parity report) replaces; engines are cached, not replaced."""
     names = [CHECKPOINT, ONNX, *([ONNX_FP16] if fp16 else []), "parity.json"]
     return [out_dir / name for name in names]
 
@@ -58,7 +58,7 @@ def export_model(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"format: expected some of {FORMATS}, got {list(formats)}")
-    existing = [str(p) for p in planned_files(out_dir, formats, fp16) if p.exists()]
+    existing = [str(p) for p in planned_files(out_dir, fp16) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite")
     ckpt = load_checkpoint(checkpoint)

@@ -234,34 +234,36 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _build_and_write(
-    onnx_path: Path,
-    out_path: Path,
-    profile: Profile,
-    fp16: bool,
-    *,
-    builder: Builder,
-    metadata: Mapping[str, str],
-    onnx_sha256: str,
-    capability: str,
-    tensorrt_version: str,
-    key: str,
-) -> Path:
+@dataclass(frozen=True)
+class _BuildPlan:
+    """Everything that determines an engine, checked, with its cache key."""
+
+    onnx_path: Path
+    profile: Profile
+    fp16: bool
+    metadata: Mapping[str, str]
+    onnx_sha256: str
+    capability: str
+    tensorrt_version: str
+    key: str
+
+
+def _build_and_write(plan: _BuildPlan, out_path: Path, builder: Builder) -> Path:
     """Build, then write the engine and, last, its sidecar (so a crash never looks complete)."""
-    data = bytes(builder(onnx_path, profile, fp16))
+    data = bytes(builder(plan.onnx_path, plan.profile, plan.fp16))
     if not data:
-        raise ConfigError(f"TensorRT produced an empty engine for {onnx_path}")
+        raise ConfigError(f"TensorRT produced an empty engine for {plan.onnx_path}")
     sidecar = {
         "format": SIDECAR_FORMAT,
-        "key": key,
-        "metadata": dict(metadata),
-        "profile": profile.to_dict(),
-        "fp16": bool(fp16),
-        "precision": "fp16" if fp16 else "fp32",
-        "capability": capability,
-        "tensorrt_version": tensorrt_version,
-        "onnx_path": str(onnx_path.resolve()),
-        "onnx_sha256": onnx_sha256,
+        "key": plan.key,
+        "metadata": dict(plan.metadata),
+        "profile": plan.profile.to_dict(),
+        "fp16": bool(plan.fp16),
+        "precision": "fp16" if plan.fp16 else "fp32",
+        "capability": plan.capability,
+        "tensorrt_version": plan.tensorrt_version,
+        "onnx_path": str(plan.onnx_path.resolve()),
+        "onnx_sha256": plan.onnx_sha256,
         "engine_bytes": len(data),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -270,7 +272,11 @@ def _build_and_write(
     _atomic_write(out_path, data)
     _atomic_write(sidecar_path(out_path), (json.dumps(sidecar, indent=2) + "\n").encode())
     log.info(
-        "wrote TensorRT engine %s (%s, %s, %d bytes)", out_path, capability, profile, len(data)
+        "wrote TensorRT engine %s (%s, %s, %d bytes)",
+        out_path,
+        plan.capability,
+        plan.profile,
+        len(data),
     )
     return out_path
 
@@ -281,7 +287,7 @@ def _prepare(
     fp16: bool,
     capability: str | None,
     tensorrt_version: str | None,
-) -> tuple[Path, dict[str, str], str, str, str, str]:
+) -> _BuildPlan:
     """Check the model and profile; fill in capability and version; compute the cache key."""
     onnx_path = Path(onnx_path)
     metadata = onnx_metadata(onnx_path)
@@ -291,7 +297,7 @@ def _prepare(
     capability = _check_capability(compute_capability() if capability is None else capability)
     sha = file_sha256(onnx_path)
     key = cache_key(sha, profile, fp16, tensorrt_version, capability)
-    return onnx_path, metadata, sha, capability, tensorrt_version, key
+    return _BuildPlan(onnx_path, profile, fp16, metadata, sha, capability, tensorrt_version, key)
 
 
 class EngineCache:
@@ -318,10 +324,9 @@ class EngineCache:
         ``capability`` and ``tensorrt_version`` default to this GPU's and the installed
         TensorRT's; ``builder`` (default :func:`build_engine`) turns ONNX into engine bytes.
         """
-        onnx_path, metadata, sha, capability, version, key = _prepare(
-            onnx_path, profile, fp16, capability, tensorrt_version
-        )
-        engine = self.engine_path(onnx_path, capability, key)
+        plan = _prepare(onnx_path, profile, fp16, capability, tensorrt_version)
+        key = plan.key
+        engine = self.engine_path(plan.onnx_path, plan.capability, key)
         sidecar = sidecar_path(engine)
         if engine.is_file() and sidecar.is_file():
             try:
@@ -341,22 +346,11 @@ class EngineCache:
                 log.warning("rebuilding %s: its sidecar does not match the engine", engine)
         log.info(
             "building TensorRT engine for %s (%s, fp16=%s); this can take minutes",
-            onnx_path,
+            plan.onnx_path,
             profile,
             fp16,
         )
-        return _build_and_write(
-            onnx_path,
-            engine,
-            profile,
-            fp16,
-            builder=builder or build_engine,
-            metadata=metadata,
-            onnx_sha256=sha,
-            capability=capability,
-            tensorrt_version=version,
-            key=key,
-        )
+        return _build_and_write(plan, engine, builder or build_engine)
 
 
 def write_engine(
@@ -374,21 +368,8 @@ def write_engine(
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path} already exists; pass --overwrite to replace it")
-    onnx_path, metadata, sha, capability, version, key = _prepare(
-        onnx_path, profile, fp16, capability, tensorrt_version
-    )
-    return _build_and_write(
-        onnx_path,
-        out_path,
-        profile,
-        fp16,
-        builder=builder or build_engine,
-        metadata=metadata,
-        onnx_sha256=sha,
-        capability=capability,
-        tensorrt_version=version,
-        key=key,
-    )
+    plan = _prepare(onnx_path, profile, fp16, capability, tensorrt_version)
+    return _build_and_write(plan, out_path, builder or build_engine)
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def cached_predictor(factory: PredictorFactory) -> Predictor:
     return _local.predictor
 
 
-def _encode(aff: np.ndarray, out_dtype: str) -> np.ndarray:
+def encode_affinities(aff: np.ndarray, out_dtype: str) -> np.ndarray:
+    """Affinities as stored: uint8 (×255, rounded), or float16 / float32 as they are."""
     if out_dtype == "uint8":
         return np.rint(np.clip(aff, 0.0, 1.0) * 255.0).astype(np.uint8)
     return aff.astype(out_dtype)
@@ -85,7 +86,7 @@ def _predict_and_write(
         aff = predict_block(raw, block.write_box, predictor, grid, batch_size)
     except SsnDeployError as exc:
         return type(exc)(f"block {block.block_id} (voxels {describe(block.write_box)}): {exc}")
-    out[block.write_box] = _encode(aff, out.dtype.name)
+    out[block.write_box] = encode_affinities(aff, out.dtype.name)
     markers.mark(block)
     return block.write_box.size
 

@@ -57,9 +57,10 @@ def load_predictor(
         raise ConfigError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
     path = default_model(backend) if str(model) == "default" else Path(model)
     if path.suffix != BACKENDS[backend]:
+        hint = " (engines: ssn-deploy export --format tensorrt)" if backend == "tensorrt" else ""
         raise ConfigError(
             f"the {backend} backend runs {BACKENDS[backend]} models, got {path}; "
-            "choose the backend that matches the file"
+            f"choose the backend that matches the file{hint}"
         )
     if backend == "torch":
         from ssn_deploy.inference.torch_backend import TorchPredictor

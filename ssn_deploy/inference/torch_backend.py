@@ -6,6 +6,7 @@ bf16 is ~2.7× faster than fp32 on CPUs with AVX512-BF16; affinities move by ~1e
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from ssn_deploy.errors import ConfigError, InvalidInputError
 from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private API: assume yes rather than warn wrongly
+        return True
 
 
 def _device(name: str) -> torch.device:
@@ -59,6 +69,11 @@ class TorchPredictor(SpecGeometry):
         self.spec = spec
         self.device = _device(device)
         self.precision = precision
+        if precision == "bf16" and self.device.type == "cpu" and not _cpu_has_fast_bf16():
+            log.warning(
+                "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and much slower "
+                "than fp32 here; use --precision fp32 or the onnxruntime backend"
+            )
         self._model = model.to(self.device).eval()
         self._forward = torch.compile(self._model) if compile else self._model
         self._provenance = {

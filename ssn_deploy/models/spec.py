@@ -11,6 +11,10 @@ are JSON; written by :mod:`ssn_deploy.export`, read by the onnxruntime backend):
 ``ssn_deploy.voxel_size``     ``[z, y, x]`` nm of the training data, or ``null``
 ``ssn_deploy.threshold``      agglomeration threshold chosen on validation data, or ``null``
                               (optional: older files without it mean ``null``)
+
+Informational keys written by the exporter (not needed to run the model): ``ssn_deploy.precision``
+(``"fp32"`` or ``"fp16"``, see :mod:`ssn_deploy.export.graph_passes`), ``ssn_deploy.simplified``,
+``ssn_deploy.version``, ``ssn_deploy.model`` and ``ssn_deploy.iteration``.
 """
 
 from __future__ import annotations
