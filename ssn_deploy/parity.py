@@ -31,6 +31,7 @@ from ssn_deploy.inference.loader import load_predictor
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.metrics import evaluate
 from ssn_deploy.models.spec import Triple
+from ssn_deploy.pipeline import default_geometry, is_anisotropic, model_threshold
 
 PARITY_BLOCK = (64, 128, 128)
 SAMPLE = "bundled sample (fib_medulla_250 test region crop), first block"
@@ -182,8 +183,6 @@ def export_with_parity(
     Raises :class:`ParityError` after writing the report if a variant is out of tolerance.
     ``patch_shape`` defaults to the patch ``ssn-deploy infer`` uses for this model.
     """
-    from ssn_deploy.pipeline import default_geometry, is_anisotropic, model_threshold
-
     reference = load_predictor(checkpoint, "torch", device="cpu")
     if patch_shape is None and "tensorrt" in formats:
         patch_shape = default_geometry(reference, reference.voxel_size).patch_shape
