@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also time predict_block on one interior default block per backend",
     )
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-compile", action="store_true", help="= --skip torch.compile")
     parser.add_argument(
         "--skip",
         action="append",
@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results)")
     args = parser.parse_args()
+    if args.no_compile:
+        args.skip.append("torch.compile")
     args.patches = args.patches or (2 if args.quick else 3)
     args.repeats = args.repeats or (2 if args.quick else 3)
     name = "backends_quick.json" if args.quick else "backends.json"
@@ -248,10 +250,6 @@ def gpu_backends(
             reason = "no GPU in this run (--device cpu"
             reason += "; torch sees no CUDA GPU)" if not torch.cuda.is_available() else ")"
             row.skip = reason + (f"; also {row.skip}" if row.skip else "")
-    elif args.no_compile:
-        for row in rows:
-            if row.name.startswith("torch.compile"):
-                row.skip = "skipped (--no-compile)"
     return rows
 
 
@@ -264,23 +262,20 @@ def cold_compile_caches(tmp: Path) -> None:
 
 def cpu_backends(args: argparse.Namespace, files: c.ModelFiles, tmp: Path) -> list[c.Backend]:
     threads = args.threads
-    compile_row = c.torch_backend(
-        "torch.compile fp32",
-        files,
-        "cpu",
-        "fp32",
-        threads,
-        compile=True,
-        warmup=2,
-        note="first warm-up call compiles (compile_s; cold on-disk cache)",
-        extra=COMPILES,
-    )
-    if args.no_compile:
-        compile_row.skip = "skipped (--no-compile)"
     return [
         c.torch_backend(REFERENCE, files, "cpu", "fp32", threads),
         c.torch_backend("torch eager bf16", files, "cpu", "bf16", threads),
-        compile_row,
+        c.torch_backend(
+            "torch.compile fp32",
+            files,
+            "cpu",
+            "fp32",
+            threads,
+            compile=True,
+            warmup=2,
+            note="first warm-up call compiles (compile_s; cold on-disk cache)",
+            extra=COMPILES,
+        ),
         c.onnx_backend("onnxruntime cpu fp32", files, tmp, "cpu", threads),
         c.onnx_backend("onnxruntime cpu fp16", files, tmp, "cpu", threads, fp16=True),
     ]

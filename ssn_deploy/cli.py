@@ -586,11 +586,10 @@ def export(
     """
     from ssn_deploy.parity import export_with_parity
 
-    formats = tuple(dict.fromkeys(("onnx", *formats)))
     result = export_with_parity(
         checkpoint,
         output,
-        formats=formats,
+        tensorrt="tensorrt" in formats,
         fp16=fp16,
         opset=opset,
         simplify=simplify,

@@ -25,7 +25,7 @@ import numpy as np
 from ssn_deploy import __version__
 from ssn_deploy.agglomeration import segment_affinities
 from ssn_deploy.errors import SsnDeployError
-from ssn_deploy.export.package import export_model
+from ssn_deploy.export.package import ONNX, ONNX_FP16, PARITY, TENSORRT, export_model
 from ssn_deploy.inference.engine import encode_affinities
 from ssn_deploy.inference.loader import load_predictor
 from ssn_deploy.inference.predictor import Predictor
@@ -151,14 +151,14 @@ def compare(
 
 def _variants(files: Mapping[str, Path], device: str) -> list[Variant]:
     found = []
-    for name, key in (("onnxruntime fp32", "model.onnx"), ("onnxruntime fp16", "model.fp16.onnx")):
+    for name, key in (("onnxruntime fp32", ONNX), ("onnxruntime fp16", ONNX_FP16)):
         if key in files:
             load = functools.partial(load_predictor, files[key], "onnxruntime", device=device)
             found.append(Variant(name, files[key], load, name.split()[-1]))
-    if "tensorrt" in files:
+    if TENSORRT in files:
         from ssn_deploy.export.tensorrt import read_sidecar
 
-        engine = files["tensorrt"]
+        engine = files[TENSORRT]
         precision = "fp16" if read_sidecar(engine)["fp16"] else "fp32"
         load = functools.partial(load_predictor, engine, "tensorrt", device="cuda")
         found.append(Variant(f"tensorrt {precision}", engine, load, precision))
@@ -169,7 +169,7 @@ def export_with_parity(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    formats: Sequence[str] = ("onnx",),
+    tensorrt: bool = False,
     fp16: bool = False,
     opset: int = 17,
     simplify: bool = True,
@@ -184,12 +184,12 @@ def export_with_parity(
     ``patch_shape`` defaults to the patch ``ssn-deploy infer`` uses for this model.
     """
     reference = load_predictor(checkpoint, "torch", device="cpu")
-    if patch_shape is None and "tensorrt" in formats:
+    if patch_shape is None and tensorrt:
         patch_shape = default_geometry(reference, reference.voxel_size).patch_shape
     files = export_model(
         checkpoint,
         out_dir,
-        formats=formats,
+        tensorrt=tensorrt,
         fp16=fp16,
         opset=opset,
         simplify=simplify,
@@ -215,9 +215,9 @@ def export_with_parity(
         ),
         "ssn_deploy": __version__,
     }
-    out = Path(out_dir) / "parity.json"
+    out = Path(out_dir) / PARITY
     out.write_text(json.dumps(report, indent=2) + "\n")
-    files["parity.json"] = out
+    files[PARITY] = out
     failed = [n for n, v in report["variants"].items() if v.get("ok") is False]
     if failed:
         raise ParityError(f"{', '.join(failed)} out of tolerance against torch fp32; see {out}")

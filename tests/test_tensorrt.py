@@ -28,7 +28,6 @@ from ssn_deploy.errors import (
     ConfigError,
     InputNotFoundError,
     InvalidInputError,
-    OutputExistsError,
 )
 from ssn_deploy.export.onnx_export import export_onnx
 from ssn_deploy.export.tensorrt import (
@@ -42,7 +41,6 @@ from ssn_deploy.export.tensorrt import (
     read_sidecar,
     require_tensorrt,
     sidecar_path,
-    write_engine,
 )
 from ssn_deploy.inference.tensorrt_backend import TensorRTPredictor
 from ssn_deploy.models import ModelConfig, Normalization, build_model, save_checkpoint
@@ -339,17 +337,6 @@ def test_failed_build_leaves_nothing_behind(onnx_path: Path, tmp_path: Path) -> 
             builder=failing_builder,
         )
     assert not (tmp_path / "engines").exists() or _files(tmp_path / "engines") == []
-    with pytest.raises(ConfigError, match="simulated"):
-        write_engine(
-            onnx_path,
-            tmp_path / "out" / "model.plan",
-            PROFILE,
-            False,
-            builder=failing_builder,
-            capability=SM,
-            tensorrt_version=VERSION,
-        )
-    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == []
 
 
 def test_cache_checks_the_profile_and_capability_before_building(
@@ -380,22 +367,6 @@ def test_cache_checks_the_profile_and_capability_before_building(
             builder=builder,
         )
     assert builder.calls == [] and _files(tmp_path) == [onnx_path]
-
-
-def test_write_engine_refuses_an_existing_output(onnx_path: Path, tmp_path: Path) -> None:
-    out = tmp_path / "model.plan"
-    out.write_bytes(b"keep me")
-    builder = CountingBuilder()
-    options: dict[str, Any] = dict(builder=builder, capability=SM, tensorrt_version=VERSION)
-    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
-        write_engine(onnx_path, out, PROFILE, False, **options)
-    assert out.read_bytes() == b"keep me" and builder.calls == []
-    assert not sidecar_path(out).exists()
-
-    assert write_engine(onnx_path, out, PROFILE, False, overwrite=True, **options) == out
-    assert out.read_bytes() == CountingBuilder()(onnx_path, PROFILE, False)
-    assert read_sidecar(out)["profile"] == PROFILE.to_dict()
-    assert len(builder.calls) == 1
 
 
 def test_read_sidecar_errors(onnx_path: Path, tmp_path: Path) -> None:
@@ -483,15 +454,14 @@ def test_compute_capability_names_the_architecture(monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture
 def fake_engine(onnx_path: Path, tmp_path: Path) -> Path:
-    """An engine file + sidecar as write_engine leaves them (the bytes are not a real plan)."""
-    return write_engine(
+    """An engine file + sidecar as the cache leaves them (the bytes are not a real plan)."""
+    return EngineCache(tmp_path / "engines").get_or_build(
         onnx_path,
-        tmp_path / "model.plan",
         PROFILE,
-        True,
-        builder=CountingBuilder(),
+        fp16=True,
         capability=SM,
         tensorrt_version=VERSION,
+        builder=CountingBuilder(),
     )
 
 

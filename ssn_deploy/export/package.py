@@ -10,8 +10,6 @@ through the same predictors as ``ssn-deploy infer``.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 from ssn_deploy import __version__
@@ -20,18 +18,17 @@ from ssn_deploy.export.onnx_export import DEFAULT_OPSET, export_fp16, export_onn
 from ssn_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from ssn_deploy.models.spec import ModelSpec, Triple
 
-log = logging.getLogger(__name__)
-
-FORMATS = ("onnx", "tensorrt")
 CHECKPOINT = "model.ckpt"
 ONNX = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
+PARITY = "parity.json"
 TENSORRT_DIR = "tensorrt"
+TENSORRT = "tensorrt engine"  # key of the engine in export_model's result
 
 
-def planned_files(out_dir: Path, fp16: bool) -> list[Path]:
+def _replaced_files(out_dir: Path, fp16: bool) -> list[Path]:
     """The files an export (with its parity report) replaces; engines are cached, not replaced."""
-    names = [CHECKPOINT, ONNX, *([ONNX_FP16] if fp16 else []), "parity.json"]
+    names = [CHECKPOINT, ONNX, *([ONNX_FP16] if fp16 else []), PARITY]
     return [out_dir / name for name in names]
 
 
@@ -39,7 +36,7 @@ def export_model(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    formats: Sequence[str] = ("onnx",),
+    tensorrt: bool = False,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
@@ -47,49 +44,42 @@ def export_model(
     max_batch: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write the artefacts into ``out_dir``; returns ``{name: path}``.
+    """Write the artefacts into ``out_dir``; returns ``{file name or TENSORRT: path}``.
 
-    ``patch_shape`` and ``max_batch`` bound the TensorRT optimisation profile (the engine
-    accepts batches of 1…``max_batch`` patches from the granularity up to ``patch_shape``).
-    Everything that can fail for a missing dependency or a bad option fails before a file is
-    written.
+    The ONNX graph is always written (it is what TensorRT builds from). ``patch_shape`` and
+    ``max_batch`` bound the TensorRT optimisation profile (the engine accepts batches of
+    1…``max_batch`` patches from the granularity up to ``patch_shape``). Everything that can
+    fail for a missing dependency or a bad option fails before a file is written.
     """
     out_dir = Path(out_dir)
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not formats:
-        raise ConfigError(f"format: expected some of {FORMATS}, got {list(formats)}")
-    existing = [str(p) for p in planned_files(out_dir, fp16) if p.exists()]
+    existing = [str(p) for p in _replaced_files(out_dir, fp16) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite")
     ckpt = load_checkpoint(checkpoint)
     profile = None
-    if "tensorrt" in formats:
-        from ssn_deploy.export import tensorrt
+    if tensorrt:
+        from ssn_deploy.export import tensorrt as trt
 
-        tensorrt.require_tensorrt()
-        tensorrt.compute_capability()  # fails here, not after the ONNX export, without a GPU
+        trt.require_tensorrt()
+        trt.compute_capability()  # fails here, not after the ONNX export, without a GPU
         if patch_shape is None:
             raise ConfigError("a TensorRT export needs the largest patch shape (--patch-shape)")
-        profile = tensorrt.profile_for(ModelSpec.from_checkpoint(ckpt), patch_shape, max_batch)
+        profile = trt.profile_for(ModelSpec.from_checkpoint(ckpt), patch_shape, max_batch)
 
-    files = {"model.ckpt": out_dir / CHECKPOINT, "model.onnx": out_dir / ONNX}
+    files = {CHECKPOINT: out_dir / CHECKPOINT, ONNX: out_dir / ONNX}
     extra = {k: v for k, v in ckpt.extra.items() if k in ("best", "config", "versions")}
     save_checkpoint(
-        files["model.ckpt"],
+        files[CHECKPOINT],
         ckpt.model,
         normalization=ckpt.normalization,
         voxel_size=ckpt.voxel_size,
         iteration=ckpt.iteration,
         extra=extra | {"exported_by": f"ssn-deploy {__version__}", "source": str(checkpoint)},
     )
-    export_onnx(ckpt, files["model.onnx"], opset=opset, simplify=simplify, overwrite=True)
+    export_onnx(ckpt, files[ONNX], opset=opset, simplify=simplify, overwrite=True)
     if fp16:
-        files["model.fp16.onnx"] = export_fp16(
-            files["model.onnx"], out_dir / ONNX_FP16, overwrite=True
-        )
+        files[ONNX_FP16] = export_fp16(files[ONNX], out_dir / ONNX_FP16, overwrite=True)
     if profile is not None:
-        from ssn_deploy.export.tensorrt import EngineCache
-
-        cache = EngineCache(out_dir / TENSORRT_DIR)
-        files["tensorrt"] = cache.get_or_build(files["model.onnx"], profile, fp16=fp16)
+        cache = trt.EngineCache(out_dir / TENSORRT_DIR)
+        files[TENSORRT] = cache.get_or_build(files[ONNX], profile, fp16=fp16)
     return files

@@ -35,7 +35,6 @@ from ssn_deploy.errors import (
     ConfigError,
     InputNotFoundError,
     InvalidInputError,
-    OutputExistsError,
 )
 from ssn_deploy.models.spec import METADATA_PREFIX, ModelSpec
 
@@ -351,25 +350,6 @@ class EngineCache:
             fp16,
         )
         return _build_and_write(plan, engine, builder or build_engine)
-
-
-def write_engine(
-    onnx_path: str | Path,
-    out_path: str | Path,
-    profile: Profile,
-    fp16: bool,
-    *,
-    overwrite: bool = False,
-    builder: Builder | None = None,
-    capability: str | None = None,
-    tensorrt_version: str | None = None,
-) -> Path:
-    """Build an engine into ``out_path`` (plus its sidecar) outside the cache."""
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise OutputExistsError(f"{out_path} already exists; pass --overwrite to replace it")
-    plan = _prepare(onnx_path, profile, fp16, capability, tensorrt_version)
-    return _build_and_write(plan, out_path, builder or build_engine)
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:

@@ -73,9 +73,8 @@ class OnnxPredictor(SpecGeometry):
                 f"onnxruntime could not start {provider} for {path} (running on {active}); "
                 "check the CUDA/cuDNN libraries or use --device cpu"
             )
-        self.spec = spec or ModelSpec.from_metadata(
-            self._session.get_modelmeta().custom_metadata_map, str(path)
-        )
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        self.spec = spec or ModelSpec.from_metadata(metadata, str(path))
         model_input = self._session.get_inputs()[0]
         self._input = model_input.name
         self._output = self._session.get_outputs()[0].name
@@ -84,7 +83,7 @@ class OnnxPredictor(SpecGeometry):
             "model": str(path),
             "backend": "onnxruntime",
             "device": device,
-            "precision": graph_precision(self._session.get_modelmeta().custom_metadata_map),
+            "precision": graph_precision(metadata),
             "onnxruntime": ort.__version__,
         }
 

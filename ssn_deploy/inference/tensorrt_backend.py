@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 
 from ssn_deploy.errors import ConfigError, InvalidInputError
+from ssn_deploy.export.graph_passes import graph_precision
 from ssn_deploy.export.tensorrt import (
     Profile,
     compute_capability,
     read_sidecar,
     require_tensorrt,
 )
-from ssn_deploy.inference.predictor import METADATA_PREFIX, ModelSpec, SpecGeometry
+from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
 
 
 class TensorRTPredictor(SpecGeometry):
@@ -88,7 +89,7 @@ class TensorRTPredictor(SpecGeometry):
                     "expected float32 input and output"
                 )
         # an fp16 ONNX graph stays fp16 in an engine built without the FP16 flag
-        fp16_graph = sidecar["metadata"].get(METADATA_PREFIX + "precision") == "fp16"
+        fp16_graph = graph_precision(sidecar["metadata"]) == "fp16"
         precision = "fp16" if sidecar["fp16"] or fp16_graph else "fp32"
         self._provenance = {
             "model": str(path),
