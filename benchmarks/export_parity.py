@@ -34,8 +34,6 @@ RESULTS = REPO / "benchmarks" / "results"
 CHECKPOINT = REPO / "ssn_deploy" / "assets" / "models" / "default.ckpt"
 DATA = REPO.parent / "shared" / "data"
 TEST_ROI = "125:250,:,:"
-TOLERANCE = {"onnxruntime fp32": 1e-4, "onnxruntime fp16": 1e-2}
-VOI_TOLERANCE = 0.01
 
 
 def ssn_deploy(*args: str) -> float:
@@ -65,6 +63,7 @@ def main() -> None:
 def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
     from ssn_deploy.inference.engine import encode_affinities
     from ssn_deploy.metrics import evaluate
+    from ssn_deploy.parity import TOLERANCES
     from ssn_deploy.volumes import open_volume
 
     source = data / "fib_medulla_250.hdf"
@@ -101,6 +100,7 @@ def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
         affs = open_volume(f"{out}/affinities")[...]
         diff = np.abs(affs - reference_affs)
         between = evaluate(seg, reference)
+        tolerance = TOLERANCES[name.split()[-1]]  # the same limits as ssn-deploy export's
         rows[name] |= {
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
@@ -113,11 +113,14 @@ def run(checkpoint: Path, data: Path, work: Path) -> dict[str, Any]:
             "voi_to_ground_truth_difference": abs(
                 rows[name]["to_ground_truth"]["voi"] - rows["torch fp32"]["to_ground_truth"]["voi"]
             ),
-            "tolerance": {"max_abs_diff": TOLERANCE[name], "voi_difference": VOI_TOLERANCE},
+            "tolerance": {
+                "max_abs_diff": tolerance.max_abs_diff,
+                "voi_difference": tolerance.voi_difference,
+            },
         }
         rows[name]["ok"] = (
-            rows[name]["max_abs_diff"] <= TOLERANCE[name]
-            and rows[name]["voi_to_ground_truth_difference"] <= VOI_TOLERANCE
+            rows[name]["max_abs_diff"] <= tolerance.max_abs_diff
+            and rows[name]["voi_to_ground_truth_difference"] <= tolerance.voi_difference
         )
     return {
         "what": "ssn-deploy infer on fib_medulla_250 z in [125, 250) with each exported artefact",
