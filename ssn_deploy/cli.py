@@ -165,6 +165,12 @@ def _evaluation_table(report: dict) -> str:
     type=click.IntRange(min=1),
     help="Voxels a majority overlap needs to count towards split/merge counts.",
 )
+@click.option(
+    "--voxel-size",
+    default=None,
+    help="Z,Y,X nm of both volumes, where their metadata lacks it or is wrong (e.g. an HDF5 "
+    "without a resolution attribute beside an OME-Zarr); they must then agree.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--output", type=click.Path(dir_okay=False), help="Also write the JSON report to this file."
@@ -175,6 +181,7 @@ def evaluate(
     gt: str,
     ignore_ids: tuple[int, ...],
     min_overlap: int,
+    voxel_size: str | None,
     as_json: bool,
     output: str | None,
     overwrite: bool,
@@ -213,9 +220,16 @@ def evaluate(
 
     if output is not None and Path(output).exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
-    with open_volume(seg) as seg_vol, open_volume(gt) as gt_vol:
+    vs = parse_triple(voxel_size, "--voxel-size")
+    if vs is not None and not all(v > 0 and v < float("inf") for v in vs):
+        raise click.BadParameter(
+            f"expected positive sizes, got {voxel_size}", param_hint="--voxel-size"
+        )
+    with open_volume(seg, voxel_size=vs) as seg_vol, open_volume(gt, voxel_size=vs) as gt_vol:
         scores = evaluate_volumes(seg_vol, gt_vol, ignore_ids=ignore_ids, min_overlap=min_overlap)
     report = {"segmentation": seg, "ground_truth": gt, "version": __version__, **scores}
+    if vs is not None:
+        report["voxel_size"] = list(vs)
     text = json.dumps(report, indent=2)
     if output is not None:
         Path(output).write_text(text + "\n")
@@ -223,6 +237,15 @@ def evaluate(
 
 
 # --- train
+
+
+def _print_config_keys(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from ssn_deploy.training.schema import config_reference
+
+    click.echo(config_reference())
+    ctx.exit()
 
 
 @main.command()
@@ -241,9 +264,23 @@ def evaluate(
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Override training.lr.")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last.ckpt.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing RUN_DIR first.")
+@click.option(
+    "--config-keys",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_print_config_keys,
+    help="Print every config key with its default and meaning, and exit.",
+)
 def train(config: str, run_dir: str, iterations: int | None, device: str | None,
           lr: float | None, resume: bool, overwrite: bool) -> None:  # fmt: skip
-    """Train an affinity model from CONFIG.yaml (supervised warm-up)."""
+    """Train an affinity model from CONFIG.yaml (supervised warm-up).
+
+    Validation runs every training.val_every iterations on data.val_z: its VOI (split/merge)
+    and ARAND at the best of validation.thresholds are printed, and RUN_DIR/best.ckpt follows
+    the best (a line says when it changes). Examples are in configs/; --config-keys lists
+    every key.
+    """
     import functools
 
     from ssn_deploy.agglomeration import segment_affinities
@@ -287,6 +324,25 @@ def _quiet_dask(verbose: int) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _choose_default_model(volume: str, voxel_size: tuple[float, float, float] | None) -> str:
+    """The packaged model for the volume's voxel size, announced before any work starts."""
+    from ssn_deploy.inference.loader import choose_packaged
+    from ssn_deploy.volumes import open_volume
+
+    with open_volume(volume, voxel_size=voxel_size) as vol:
+        found = vol.voxel_size
+    if found is None:
+        return "default"  # infer stops on the missing voxel size with its own message
+    chosen = choose_packaged(found)
+    nm = "×".join(f"{v:g}" for v in chosen.voxel_size)
+    click.echo(
+        f"model: packaged '{chosen.name}' ({chosen.modality}, trained at {nm} nm), chosen for "
+        f"voxel size {'×'.join(f'{v:g}' for v in found)} nm; --model iso|aniso|FILE overrides",
+        err=True,
+    )
+    return chosen.name
+
+
 @main.command()
 @click.argument("volume")
 @click.option(
@@ -296,7 +352,9 @@ def _quiet_dask(verbose: int) -> None:
     "--model",
     default="default",
     show_default=True,
-    help="'default' (packaged), FILE.ckpt (torch), FILE.onnx (onnxruntime), FILE.plan "
+    help="'default' (the packaged model whose voxel size fits the volume: 'iso' for isotropic "
+    "FIB-SEM, 'aniso' for serial sections), 'iso', 'aniso', FILE.ckpt (torch), FILE.onnx "
+    "(onnxruntime), FILE.plan "
     "(TensorRT engine from ssn-deploy export --format tensorrt), or 'intensity' "
     "(no-network baseline: raw intensity as affinities).",
 )
@@ -410,6 +468,9 @@ def infer(
         suffixes = {".onnx": "onnxruntime", ".plan": "tensorrt"}
         backend = suffixes.get(Path(model).suffix, "torch")
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
+    voxel = parse_triple(voxel_size, "--voxel-size")
+    if model == "default":
+        model = _choose_default_model(volume, voxel)
     result = run_infer(
         volume,
         out,
@@ -426,7 +487,7 @@ def infer(
         fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
         scheduler=scheduler,
         workers=workers,
-        voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        voxel_size=voxel,
         affinity_dtype=affinity_dtype,
         resume=resume,
         overwrite=overwrite,
@@ -450,23 +511,30 @@ def infer(
 @click.option(
     "--threshold",
     type=float,
-    default=0.5,
-    show_default=True,
-    help="Agglomeration stops at this score (1 - median boundary affinity).",
+    default=None,
+    help="Agglomeration stops at this score (1 - median boundary affinity) "
+    "[default: the one infer used for AFFINITIES, else 0.5].",
 )
 @click.option(
     "--block-shape",
-    default="128,256,256",
-    show_default=True,
-    help="Z,Y,X voxels per block (a multiple of --tile).",
+    default=None,
+    help="Z,Y,X voxels per block, a multiple of --fragment-tile [default: infer's, else "
+    "from the voxel size].",
 )
 @click.option(
+    "--fragment-tile",
     "--tile",
-    default="64,128,128",
-    show_default=True,
-    help="Z,Y,X fragment tile (results depend on it, not on blocks).",
+    "tile",
+    default=None,
+    help="Z,Y,X fragment tile; results depend on it, not on blocks [default: infer's, else "
+    "half a block].",
 )
-@click.option("--anisotropic", is_flag=True, help="2D fragments per section (serial-section EM).")
+@click.option(
+    "--anisotropic/--isotropic",
+    default=None,
+    help="2D fragments per section (serial-section EM) or 3D [default: infer's, else from the "
+    "voxel size: z >= 2x the pixel size is anisotropic].",
+)
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
 @click.option("--workers", type=int, default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
@@ -477,10 +545,10 @@ def segment(
     ctx: click.Context,
     affinities: str,
     output: str,
-    threshold: float,
-    block_shape: str,
-    tile: str,
-    anisotropic: bool,
+    threshold: float | None,
+    block_shape: str | None,
+    tile: str | None,
+    anisotropic: bool | None,
     scheduler: str | None,
     workers: int,
     resume: bool,
@@ -490,19 +558,37 @@ def segment(
     """Agglomerate AFFINITIES (C,Z,Y,X zarr written by infer) into a segmentation.
 
     Fragments (seeded watershed per tile) are merged by median boundary affinity
-    (waterz aff50_his256) until --threshold, over one global region graph.
+    (waterz aff50_his256) until --threshold, over one global region graph. Settings not given
+    are those infer recorded in the affinities' provenance, so a rerun repeats infer's
+    segmentation exactly; the settings used are printed.
     """
     from ssn_deploy.agglomeration.blockwise import segment_blockwise
+    from ssn_deploy.pipeline import segmentation_settings
+    from ssn_deploy.volumes import open_volume
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
-    seg, history = segment_blockwise(
-        affinities,
-        f"{output}/fragments",
-        f"{output}/segmentation",
+    affs = open_volume(affinities)
+    settings = segmentation_settings(
+        affs,
         threshold=threshold,
         block_shape=_int_triple(block_shape, "--block-shape"),
-        fragment_tile=_int_triple(tile, "--tile"),
+        fragment_tile=_int_triple(tile, "--fragment-tile"),
         anisotropic=anisotropic,
+    )
+    click.echo(
+        "settings: threshold {threshold}, {kind} fragments, blocks {block_shape}, "
+        "fragment tile {fragment_tile} ({origin})".format(
+            kind="2D (per section)" if settings["anisotropic"] else "3D", **settings
+        )
+    )
+    seg, history = segment_blockwise(
+        affs,
+        f"{output}/fragments",
+        f"{output}/segmentation",
+        threshold=settings["threshold"],
+        block_shape=settings["block_shape"],
+        fragment_tile=settings["fragment_tile"],
+        anisotropic=settings["anisotropic"],
         scheduler=scheduler,
         workers=workers,
         resume=resume,

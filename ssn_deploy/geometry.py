@@ -194,3 +194,8 @@ def tile_starts(length: int, patch: int, overlap: int) -> list[int]:
         raise ValueError(f"overlap {overlap} must be smaller than patch {patch}")
     n = -(-(length - patch) // stride) + 1
     return sorted({round(i * (length - patch) / (n - 1)) for i in range(n)})
+
+
+def anisotropy(voxel_size: Sequence[float]) -> float:
+    """Section thickness over the in-plane pixel size, z / mean(y, x): 1 for isotropic data."""
+    return float(voxel_size[0]) / ((float(voxel_size[1]) + float(voxel_size[2])) / 2)

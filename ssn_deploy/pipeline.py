@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from ssn_deploy.agglomeration.blockwise import segment_blockwise
-from ssn_deploy.errors import ConfigError, OutputExistsError
+from ssn_deploy.errors import ConfigError, OutputExistsError, VoxelSizeError
+from ssn_deploy.inference.checks import check_raw
 from ssn_deploy.inference.engine import cached_predictor, predict_affinities
-from ssn_deploy.inference.loader import load_predictor
+from ssn_deploy.inference.loader import DEFAULT, choose_packaged, load_predictor
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.preview import write_preview
 from ssn_deploy.volumes import Volume, open_volume
@@ -45,16 +46,54 @@ class Geometry:
     overlap: Triple
 
 
+NOMINAL_PATCH = 160
+"""Patch extent in voxels of the finest axis (the paper's 160-pixel field of view)."""
+NOMINAL_BLOCK = (128, 256, 256)
+"""Block extent in voxels of the finest axis, per axis."""
+MIN_MARGIN = 4
+"""Voxels dropped at least at each patch face (fewer only where the model's context is smaller).
+
+A margin below the context trades exactness for speed: outputs within ``context − margin`` of
+a core's face saw zero padding. ``benchmarks/margins.py`` measures what that costs per axis; for
+the anisotropic model a z margin of 4 of its 18-section context changes affinities by at most
+a few 1/255 steps (see the README)."""
+MIN_CORE_FRACTION = 2 / 3
+"""The kept core is at least this fraction of the patch (≤ 1.5 model voxels per output voxel
+per axis), so a thin axis gets a longer patch instead of a vanishing stride."""
+
+
 def _round_up(value: float, multiple: int) -> int:
     return max(multiple, int(-(-value // multiple) * multiple))
 
 
-def _axis_geometry(extent: float, g: int, context: int, block_nominal: float) -> tuple[int, ...]:
-    """Patch, margin, stride, block and tile along one axis (see :func:`default_geometry`)."""
-    patch = _round_up(extent, g)
-    half = g // 2 if g % 2 == 0 else g  # 2·margin must be a multiple of g
-    margin = min(context, max(half, patch // 8 // half * half))
-    stride = patch - 2 * margin
+def _margin_step(g: int) -> int:
+    """Margins are multiples of this, so that 2·margin, hence the core, is a multiple of g."""
+    return g // 2 if g % 2 == 0 else g
+
+
+def _margin(patch: int, g: int, context: int) -> int:
+    """About an eighth of the patch, at least :data:`MIN_MARGIN`, at most the context."""
+    if context == 0:
+        return 0
+    step = _margin_step(g)
+    margin = max(patch // 8 // step * step, _round_up(MIN_MARGIN, step))
+    return min(margin, _round_up(context, step))
+
+
+def _axis_geometry(
+    extent: float, g: int, context: int, block_nominal: float, patch: int | None = None
+) -> tuple[int, int, int, int]:
+    """Patch, margin, block and fragment tile along one axis (see :func:`default_geometry`)."""
+    if patch is None:
+        patch = _round_up(extent, g)
+        margin = _margin(patch, g, context)
+        patch = max(patch, _round_up(2 * margin / (1 - MIN_CORE_FRACTION), g))
+    else:
+        margin = _margin(patch, g, context)
+        while margin and patch - 2 * margin < g:  # a short given patch: shrink the margin
+            margin -= _margin_step(g)
+        margin = max(margin, 0)
+    stride = max(g, (patch - 2 * margin) // g * g)
     block = stride * max(1, round(block_nominal / stride))
     tile = block // 2 if block % 2 == 0 else block
     return patch, margin, block, tile
@@ -67,20 +106,33 @@ def default_geometry(
 ) -> Geometry:
     """Shapes that cover about the same distance in nm on every axis, with no wasted patches.
 
-    Patches span 160 voxels of the finest axis (rounded up to the model's granularity). Their
-    margin, where outputs saw the patch's padding and are dropped, is about an eighth of the
-    patch (capped by the model's context) and chosen so that cores are a multiple of the
-    granularity: cores then tile the volume without overlap. Blocks (~128 × 256 × 256
+    Patches span :data:`NOMINAL_PATCH` voxels of the finest axis (rounded up to the model's
+    granularity). Their margin, where outputs saw the patch's padding and are dropped, is about
+    an eighth of the patch, at least :data:`MIN_MARGIN`, capped by the model's context, and
+    chosen so that cores are a multiple of the granularity: cores then tile the volume without
+    overlap. A thin axis (z of serial-section data) gets a patch long enough that the core
+    keeps :data:`MIN_CORE_FRACTION` of it, so strides never collapse. Blocks (~128 × 256 × 256
     finest-axis voxels) are a multiple of the core, so no patch straddles two blocks, and hold
     two fragment tiles per axis. Cores sit on a global lattice, so results never depend on
-    the blocks. A given ``patch_shape`` replaces the 160-voxel default.
+    the blocks. A given ``patch_shape`` replaces the default patch (margins shrink if needed).
     """
     vs = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), dtype=float)
+    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise VoxelSizeError(f"voxel size must be three positive numbers (nm), got {voxel_size}")
     vs = vs / vs.min()  # in units of the finest axis, which gets the nominal voxel counts
+    given = [None] * 3 if patch_shape is None else [int(p) for p in patch_shape]
+    if len(given) != 3 or any(p is not None and p < 1 for p in given):
+        raise ConfigError(f"patch shape: expected three positive sizes z,y,x, got {patch_shape}")
+    bad = [(p, g) for p, g in zip(given, predictor.granularity, strict=True) if p and p % g]
+    if bad:
+        raise ConfigError(
+            f"patch shape {tuple(given)} must be a multiple of the model's granularity "
+            f"{tuple(predictor.granularity)} (z,y,x)"
+        )
     axes = [
-        _axis_geometry(160 / v, g, c, n / v)
-        for v, g, c, n in zip(
-            vs, predictor.granularity, predictor.context, (128, 256, 256), strict=True
+        _axis_geometry(NOMINAL_PATCH / v, g, c, n / v, p)
+        for v, g, c, n, p in zip(
+            vs, predictor.granularity, predictor.context, NOMINAL_BLOCK, given, strict=True
         )
     ]
     patch, margin, block, tile = (tuple(values) for values in zip(*axes, strict=True))
@@ -132,6 +184,8 @@ def infer(
     """Run the whole pipeline; returns the output specs, geometry and stage timings."""
     _refuse_existing(out, resume, overwrite)
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
+    check_raw(raw, None)  # rank, dtype, values, voxel size: before any geometry or model
+    model = resolve_model(model, raw.voxel_size)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     factory = functools.partial(
         load_predictor,
@@ -171,6 +225,8 @@ def infer(
         progress=progress,
     )
     timings["affinities_s"] = time.perf_counter() - start
+    anisotropic = is_anisotropic(raw.voxel_size)
+    record_segmentation_settings(affs, threshold, geometry, anisotropic)
     start = time.perf_counter()
     seg, _ = segment_blockwise(
         affs,
@@ -179,7 +235,7 @@ def infer(
         threshold=threshold,
         block_shape=geometry.block_shape,
         fragment_tile=geometry.fragment_tile,
-        anisotropic=is_anisotropic(raw.voxel_size),
+        anisotropic=anisotropic,
         scheduler=scheduler,
         workers=workers,
         resume=resume,
@@ -189,6 +245,7 @@ def infer(
     timings["segmentation_s"] = time.perf_counter() - start
     result: dict[str, Any] = {
         **specs,
+        "model": str(model),
         "geometry": asdict(geometry),
         "timings": timings,
         "voxels": int(np.prod(raw.shape)),
@@ -200,6 +257,84 @@ def infer(
             )
         )
     return result
+
+
+def resolve_model(model: str, voxel_size: Sequence[float] | None) -> str:
+    """``"default"`` → the packaged model that fits ``voxel_size`` (``"iso"`` or ``"aniso"``)."""
+    if str(model) != DEFAULT:
+        return str(model)
+    chosen = choose_packaged(voxel_size)
+    log.info(
+        "model: packaged %r (%s) chosen for voxel size %s", chosen.name, chosen.modality, voxel_size
+    )
+    return chosen.name
+
+
+SEGMENTATION_KEY = "segmentation"
+"""Key of the affinities' ``ssn_deploy`` attributes that ``segment`` takes its defaults from."""
+
+
+def record_segmentation_settings(
+    affs: Volume, threshold: float, geometry: Geometry, anisotropic: bool
+) -> None:
+    """Write the agglomeration settings infer used into the affinities' provenance, so that
+    ``ssn-deploy segment AFFS`` repeats (or varies) exactly this run by default."""
+    attrs = dict(affs.attrs.get("ssn_deploy", {}))
+    attrs[SEGMENTATION_KEY] = {
+        "threshold": float(threshold),
+        "anisotropic": bool(anisotropic),
+        "block_shape": [int(v) for v in geometry.block_shape],
+        "fragment_tile": [int(v) for v in geometry.fragment_tile],
+    }
+    affs.attrs["ssn_deploy"] = attrs
+
+
+def segmentation_settings(
+    affs: Volume,
+    *,
+    threshold: float | None = None,
+    block_shape: Sequence[int] | None = None,
+    fragment_tile: Sequence[int] | None = None,
+    anisotropic: bool | None = None,
+) -> dict[str, Any]:
+    """Agglomeration settings for stored affinities: what is given, else what infer recorded
+    (:func:`record_segmentation_settings`), else defaults from the voxel size.
+
+    ``origin`` in the result says where the defaults came from, for the user's log.
+    """
+    recorded = affs.attrs.get("ssn_deploy", {}).get(SEGMENTATION_KEY) or {}
+    voxel_size = affs.voxel_size
+    if recorded:
+        origin = "defaults from the affinities' provenance"
+        fallback = recorded
+    else:
+        origin = "defaults from the voxel size" if voxel_size else "defaults (no voxel size)"
+        vs = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), float)
+        vs = vs / vs.min()
+        blocks = [_round_up(n / v, 8) for n, v in zip(NOMINAL_BLOCK, vs, strict=True)]
+        fallback = {
+            "threshold": DEFAULT_THRESHOLD,
+            "anisotropic": is_anisotropic(voxel_size),
+            "block_shape": blocks,
+            "fragment_tile": [b // 2 for b in blocks],
+        }
+    given = {
+        "threshold": threshold,
+        "anisotropic": anisotropic,
+        "block_shape": block_shape,
+        "fragment_tile": fragment_tile,
+    }
+    chosen = {k: fallback[k] if v is None else v for k, v in given.items()}
+    if block_shape is not None and fragment_tile is None:  # keep the tile where it still fits
+        tile = fallback["fragment_tile"]
+        if any(int(b) % int(t) for b, t in zip(block_shape, tile, strict=True)):
+            chosen["fragment_tile"] = [b // 2 if b % 2 == 0 else b for b in block_shape]
+    chosen["block_shape"] = tuple(int(v) for v in chosen["block_shape"])
+    chosen["fragment_tile"] = tuple(int(v) for v in chosen["fragment_tile"])
+    chosen["threshold"] = float(chosen["threshold"])
+    chosen["anisotropic"] = bool(chosen["anisotropic"])
+    chosen["origin"] = origin if any(v is None for v in given.values()) else "as given"
+    return chosen
 
 
 def model_threshold(predictor: Predictor) -> float:

@@ -118,9 +118,14 @@ def test_config_errors_name_the_bad_key(tiny_train, section, change, message) ->
         config_from_dict(raw)
 
 
-@pytest.mark.parametrize("name", ["fib_medulla_250", "vnc_sstem_2dlabels", "fib_tiny_train"])
+@pytest.mark.parametrize(
+    "name", ["fib_medulla_250", "fib_medulla_250_aniso5", "vnc_sstem_2dlabels", "fib_tiny_train"]
+)
 def test_shipped_configs_validate(name) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
+    if name == "fib_medulla_250_aniso5":
+        assert cfg.data.test_z == (25, 50) and cfg.data.val_z[1] <= 25
+        assert not cfg.data.isotropic and all(p[0] == 1 for p in cfg.model.poolings)
     if name == "fib_medulla_250":
         assert cfg.data.test_z == (125, 250) and cfg.data.train_z[1] <= 125
         assert cfg.data.val_z[1] <= 125
@@ -190,3 +195,30 @@ def test_non_finite_batch_skips_the_update_and_keeps_batchnorm_stats(tiny_train,
     assert trainer.step(batch).get("skipped") == 1.0 and trainer.skipped == 1
     after = trainer.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_training_reports_validation_and_best_checkpoint(tiny_train, tmp_path) -> None:
+    raw = yaml.safe_load((CONFIGS / "fib_tiny_train.yaml").read_text())
+    raw["data"] |= {"raw": f"{tiny_train}:volumes/raw",
+                    "labels": f"{tiny_train}:volumes/labels/neuron_ids"}  # fmt: skip
+    raw["training"] |= {"iterations": 2, "val_every": 1, "checkpoint_every": 2}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["train", str(config), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "iteration 1: validation loss" in result.output
+    assert "VOI" in result.output and "ARAND" in result.output and "threshold" in result.output
+    assert "best.ckpt is now iteration 1" in result.output
+
+
+def test_every_config_key_is_documented() -> None:
+    import dataclasses
+
+    from ssn_deploy.training.schema import KEY_DOCS, SECTIONS, config_reference
+
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert keys == set(KEY_DOCS)
+    text = config_reference()
+    assert all(key.split(".")[1] in text for key in keys)
+    result = CliRunner().invoke(main, ["train", "--config-keys"])
+    assert result.exit_code == 0 and "validation:" in result.output and "test_z" in result.output

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from ssn_deploy.errors import InvalidInputError, VoxelSizeError
-from ssn_deploy.geometry import Box
+from ssn_deploy.geometry import Box, anisotropy
 from ssn_deploy.volumes import Volume, require_volume
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,41 @@ def sample_chunks(volume: Volume, count: int = SAMPLED_CHUNKS) -> list[Box]:
     ]
 
 
+def _nm(voxel_size: tuple[float, ...]) -> str:
+    return "×".join(f"{v:g}" for v in voxel_size) + " nm"
+
+
+def voxel_size_advice(
+    spec: str, voxel_size: tuple[float, ...], model_voxel_size: tuple[float, ...] | None
+) -> str | None:
+    """One line saying what to do when a volume's voxel size does not fit the model's, or None.
+
+    Within 25 % on every axis is a fit. A different *anisotropy* (section thickness over pixel
+    size, off by more than 2×) matters most: an isotropic model on serial sections sees
+    membranes that jump between sections, and vice versa.
+    """
+    if model_voxel_size is None or np.allclose(voxel_size, model_voxel_size, rtol=0.25):
+        return None
+    shape = anisotropy(voxel_size) / anisotropy(model_voxel_size)
+    fix = "if the volume's metadata is wrong, pass --voxel-size Z,Y,X"
+    if not 0.5 <= shape <= 2:
+        return (
+            f"{spec} is {_nm(voxel_size)} but the model was trained at {_nm(model_voxel_size)} "
+            f"(anisotropy {anisotropy(voxel_size):.1f} vs {anisotropy(model_voxel_size):.1f}): "
+            "expect poor results; use --model default (picks the packaged model by voxel size) "
+            f"or a model trained at this anisotropy; {fix}"
+        )
+    return (
+        f"{spec} is {_nm(voxel_size)} but the model was trained at {_nm(model_voxel_size)}: "
+        f"expect worse results; resample the volume to the model's voxel size; {fix}"
+    )
+
+
 def check_raw(volume: Volume, model_voxel_size: tuple[float, ...] | None) -> None:
     """3D, uint8 or float in [0, 1] (sampled), finite, with a voxel size.
 
-    A model voxel size that differs from the volume's by more than 25 % is only logged: users
-    may mean it (e.g. a 8 nm model on 10 nm data), and ``--voxel-size`` fixes wrong metadata.
+    A model voxel size that differs from the volume's is only warned about
+    (:func:`voxel_size_advice`): users may mean it (e.g. an 8 nm model on 10 nm data).
     """
     try:
         require_volume(volume, ndim=3, dtypes=RAW_DTYPES)
@@ -48,15 +78,9 @@ def check_raw(volume: Volume, model_voxel_size: tuple[float, ...] | None) -> Non
         ) from None
     if volume.voxel_size is None:
         raise VoxelSizeError(f"{volume.spec} has no voxel size; pass --voxel-size Z,Y,X (nm)")
-    if model_voxel_size is not None and not np.allclose(
-        volume.voxel_size, model_voxel_size, rtol=0.25
-    ):
-        log.warning(
-            "%s has voxel size %s nm but the model was trained at %s nm",
-            volume.spec,
-            volume.voxel_size,
-            model_voxel_size,
-        )
+    advice = voxel_size_advice(volume.spec, volume.voxel_size, model_voxel_size)
+    if advice:
+        log.warning("%s", advice)
     if volume.dtype == np.uint8:
         return
     for box in sample_chunks(volume):

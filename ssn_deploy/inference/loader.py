@@ -6,33 +6,84 @@ predictor, so its arguments must be picklable: paths and options, never live ses
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from ssn_deploy.errors import ConfigError, InputNotFoundError
+from ssn_deploy.geometry import anisotropy
 from ssn_deploy.inference.baseline import NAME as INTENSITY
 from ssn_deploy.inference.baseline import IntensityPredictor
 from ssn_deploy.inference.predictor import Predictor
 
 BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx", "tensorrt": ".plan"}
 PACKAGED = ("torch", "onnxruntime")
+DEFAULT = "default"
 
 
-def default_model(backend: str) -> Path:
-    """The packaged model for ``backend`` (``ssn_deploy/assets/models/default.ckpt|.onnx``)."""
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped in ``ssn_deploy/assets/models/<stem>.{ckpt,onnx}``."""
+
+    name: str
+    stem: str
+    voxel_size: tuple[float, float, float]
+    modality: str
+
+
+PACKAGED_MODELS = (
+    PackagedModel("iso", "default", (10.0, 10.0, 10.0), "isotropic FIB-SEM"),
+    PackagedModel("aniso", "default_aniso", (50.0, 10.0, 10.0), "anisotropic serial-section EM"),
+)
+"""``--model default`` picks one of these by voxel size; ``--model iso|aniso`` names one."""
+
+
+def choose_packaged(voxel_size: Sequence[float] | None) -> PackagedModel:
+    """The packaged model whose anisotropy (then pixel size) is nearest the volume's, in log
+    ratio: a 50×4×4 nm volume gets the anisotropic model, 4×4×4 nm the isotropic one. Without a
+    voxel size the isotropic model (the first) is the answer."""
+    if voxel_size is None:
+        return PACKAGED_MODELS[0]
+
+    def distance(m: PackagedModel) -> tuple[float, float]:
+        shape = abs(np.log(anisotropy(voxel_size) / anisotropy(m.voxel_size)))
+        scale = abs(np.log(float(np.mean(voxel_size[1:])) / float(np.mean(m.voxel_size[1:]))))
+        return round(shape, 6), scale
+
+    return min(PACKAGED_MODELS, key=distance)
+
+
+def packaged_model(name: str) -> PackagedModel:
+    for m in PACKAGED_MODELS:
+        if m.name == name:
+            return m
+    known = ", ".join(m.name for m in PACKAGED_MODELS)
+    raise InputNotFoundError(f"no packaged model {name!r} (packaged: {known}, or {DEFAULT})")
+
+
+def default_model(backend: str, name: str = "iso") -> Path:
+    """The file of packaged model ``name`` for ``backend`` (``assets/models/<stem>.ckpt|.onnx``)."""
     if backend not in PACKAGED:
         raise InputNotFoundError(
             f"no packaged default model for {backend}: engines are built per GPU, with "
             "ssn-deploy export CKPT -o DIR --format tensorrt; pass the .plan it writes"
         )
-    path = Path(str(resources.files("ssn_deploy") / "assets" / "models" / "default"))
+    stem = packaged_model(name).stem
+    path = Path(str(resources.files("ssn_deploy") / "assets" / "models" / stem))
     path = path.with_suffix(BACKENDS[backend])
     if not path.is_file():
         raise InputNotFoundError(
-            f"no packaged default model at {path}; pass a model file "
+            f"no packaged model at {path}; pass a model file "
             f"({' or '.join(BACKENDS[b] for b in PACKAGED)})"
         )
     return path
+
+
+def is_packaged_name(model: str | Path) -> bool:
+    return str(model) == DEFAULT or any(str(model) == m.name for m in PACKAGED_MODELS)
 
 
 def load_predictor(
@@ -45,7 +96,8 @@ def load_predictor(
     threads: int | None = None,
 ) -> Predictor:
     """A predictor for ``model``: a .ckpt for torch, an .onnx for onnxruntime, a .plan (built
-    by ``ssn-deploy export --format tensorrt``) for TensorRT, or "default".
+    by ``ssn-deploy export --format tensorrt``) for TensorRT, or a packaged model's name
+    ("iso", "aniso"; "default" means "iso" here: :func:`choose_packaged` picks by voxel size).
 
     ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; ONNX graphs and engines
     run in the precision they were exported with. ``model="intensity"`` is the no-network
@@ -55,7 +107,10 @@ def load_predictor(
         return IntensityPredictor()
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
-    path = default_model(backend) if str(model) == "default" else Path(model)
+    if is_packaged_name(model):
+        path = default_model(backend, "iso" if str(model) == DEFAULT else str(model))
+    else:
+        path = Path(model)
     if path.suffix != BACKENDS[backend]:
         hint = " (engines: ssn-deploy export --format tensorrt)" if backend == "tensorrt" else ""
         raise ConfigError(

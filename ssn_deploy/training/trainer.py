@@ -13,6 +13,7 @@ to run, resumed or not).
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import sys
@@ -305,10 +306,19 @@ class Trainer:
                     metrics = self.validate()
                     row = row or {"iteration": self.iteration}
                     row |= {f"val_{k}": v for k, v in metrics.items()}
-                    log.info("iteration %d validation %s", self.iteration, metrics)
+                    say = functools.partial(bar.write, file=sys.stderr) if progress else log.info
+                    say(describe_validation(self.iteration, metrics))
                     if self._improved(metrics):
+                        previous = self.best.get("iteration")
                         self.best = {"iteration": self.iteration, **metrics}
                         self.save(self.run_dir / "best.ckpt", training_state=False)
+                        key = "voi" if "voi" in metrics else "loss"
+                        since = f", was iteration {previous}" if previous else ""
+                        say(
+                            f"best.ckpt is now iteration {self.iteration} "
+                            f"(validation {key.upper() if key == 'voi' else key} "
+                            f"{metrics[key]:.4f}{since})"
+                        )
                     t_last = time.perf_counter()
                 if row:
                     csv_log.write(row)
@@ -324,6 +334,18 @@ class Trainer:
         finally:
             bar.close()
             writer.close()
+
+
+def describe_validation(iteration: int, metrics: dict[str, Any]) -> str:
+    """One line per validation: loss, and VOI split/merge + ARAND at the best threshold."""
+    line = f"iteration {iteration}: validation loss {metrics['loss']:.4f}"
+    if "voi" in metrics:
+        line += (
+            f", VOI {metrics['voi']:.4f} (split {metrics['voi_split']:.4f} / merge "
+            f"{metrics['voi_merge']:.4f}), ARAND {metrics['arand']:.4f} at threshold "
+            f"{metrics['threshold']:g}"
+        )
+    return line
 
 
 def train(
@@ -366,4 +388,4 @@ def train(
     return best if best.exists() else last
 
 
-__all__ = ["CSV_FIELDS", "Trainer", "train"]
+__all__ = ["CSV_FIELDS", "Trainer", "describe_validation", "train"]
