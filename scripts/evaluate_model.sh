@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Test-region metrics for a model card, produced only by `ssn-deploy infer` + `ssn-deploy evaluate`.
-# Usage: [DATASET=fib_medulla_250|fib_medulla_250_aniso5] scripts/evaluate_model.sh MODEL OUT_DIR [DATA_DIR] [extra infer options...]
+# Usage: [DATASET=fib_medulla_250|fib_medulla_250_aniso5] [ROI=Z0:Z1,Y0:Y1,X0:X1] \
+#        scripts/evaluate_model.sh MODEL OUT_DIR [DATA_DIR] [extra infer options...]
+# ROI replaces the dataset's test region (e.g. the validation sections, for a model card).
 # MODEL is 'default', 'iso', 'aniso', a .ckpt or an .onnx; the no-network baseline
 # ('intensity') runs too, and the one-segment reference (every voxel one id) is scored.
 set -euo pipefail
@@ -15,6 +17,7 @@ case "$dataset" in
   fib_medulla_250_aniso5) roi=25:50,:,:; glia=() ;;
   *) echo "unknown DATASET $dataset" >&2; exit 2 ;;
 esac
+roi=${ROI:-$roi}
 bin=$(dirname "$(command -v ssn-deploy)")
 mkdir -p "$out"
 src="$data/$dataset.hdf"

@@ -374,6 +374,14 @@ def _choose_default_model(volume: str, voxel_size: tuple[float, float, float] | 
 )
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (torch).")
 @click.option(
+    "--tta",
+    type=click.Choice(["none", "yx", "zyx"]),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: average the model over flips of these axes (4 or 8 model "
+    "calls per patch; see the README for what it buys).",
+)
+@click.option(
     "--threads",
     type=int,
     default=None,
@@ -437,6 +445,7 @@ def infer(
     device: str,
     precision: str,
     compile_model: bool,
+    tta: str,
     threads: int | None,
     batch_size: int,
     threshold: float | None,
@@ -479,6 +488,7 @@ def infer(
         device=device,
         precision=precision,
         compile=compile_model,
+        tta=None if tta == "none" else tta,
         threads=threads,
         batch_size=batch_size,
         threshold=threshold,

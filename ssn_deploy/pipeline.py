@@ -173,6 +173,7 @@ def infer(
     workers: int = 1,
     threads: int | None = None,
     compile: bool = False,
+    tta: str | None = None,
     batch_size: int = 1,
     voxel_size: Sequence[float] | None = None,
     affinity_dtype: str = "uint8",
@@ -195,6 +196,7 @@ def infer(
         precision=precision,
         compile=compile,
         threads=threads,
+        tta=tta,
     )
     predictor = cached_predictor(factory)
     if threshold is None:  # the model's own, chosen on its validation data

@@ -125,7 +125,10 @@ def test_voxel_size_advice_says_what_to_do() -> None:
     assert voxel_size_advice("v", (10, 10, 10), (10, 10, 10)) is None
     assert voxel_size_advice("v", (11, 9, 9), (10, 10, 10)) is None
     shape = voxel_size_advice("v", (50, 4, 4), (10, 10, 10))
-    assert "anisotropy" in shape and "--model default" in shape and "--voxel-size" in shape
+    assert "anisotropy" in shape and "--model default" in shape and "'aniso'" in shape
+    assert "--voxel-size" in shape
+    nearest = voxel_size_advice("v", (50, 4.6, 4.6), (50, 10, 10))  # already the best packaged
+    assert "no packaged model fits better" in nearest and "resample" in nearest
     scale = voxel_size_advice("v", (4, 4, 4), (10, 10, 10))
     assert "resample" in scale and "anisotropy" not in scale
 

@@ -45,22 +45,32 @@ def voxel_size_advice(
 
     Within 25 % on every axis is a fit. A different *anisotropy* (section thickness over pixel
     size, off by more than 2×) matters most: an isotropic model on serial sections sees
-    membranes that jump between sections, and vice versa.
+    membranes that jump between sections, and vice versa. The advice names a better packaged
+    model where there is one, else resampling or training at this voxel size.
     """
+    from ssn_deploy.inference.loader import choose_packaged
+
     if model_voxel_size is None or np.allclose(voxel_size, model_voxel_size, rtol=0.25):
         return None
     shape = anisotropy(voxel_size) / anisotropy(model_voxel_size)
-    fix = "if the volume's metadata is wrong, pass --voxel-size Z,Y,X"
-    if not 0.5 <= shape <= 2:
-        return (
-            f"{spec} is {_nm(voxel_size)} but the model was trained at {_nm(model_voxel_size)} "
-            f"(anisotropy {anisotropy(voxel_size):.1f} vs {anisotropy(model_voxel_size):.1f}): "
-            "expect poor results; use --model default (picks the packaged model by voxel size) "
-            f"or a model trained at this anisotropy; {fix}"
+    nearest = choose_packaged(voxel_size)
+    if not np.allclose(nearest.voxel_size, model_voxel_size, rtol=0.25):
+        todo = f"--model default picks the packaged '{nearest.name}' model for this voxel size"
+    else:
+        todo = (
+            f"no packaged model fits better: resample the volume to about "
+            f"{_nm(model_voxel_size)}, or train a model at this voxel size"
         )
+    fix = "if the volume's metadata is wrong, pass --voxel-size Z,Y,X"
+    how_bad = (
+        f"expect poor results (anisotropy {anisotropy(voxel_size):.1f} vs "
+        f"{anisotropy(model_voxel_size):.1f})"
+        if not 0.5 <= shape <= 2
+        else "expect worse results"
+    )
     return (
         f"{spec} is {_nm(voxel_size)} but the model was trained at {_nm(model_voxel_size)}: "
-        f"expect worse results; resample the volume to the model's voxel size; {fix}"
+        f"{how_bad}; {todo}; {fix}"
     )
 
 

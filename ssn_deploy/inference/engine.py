@@ -108,6 +108,7 @@ def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtyp
             "model": used["model"],
             "backend": used["backend"],
             "precision": used["precision"],
+            "tta": used.get("tta", "none"),
         }
     )
 

@@ -94,6 +94,7 @@ def load_predictor(
     precision: str = "fp32",
     compile: bool = False,
     threads: int | None = None,
+    tta: str | None = None,
 ) -> Predictor:
     """A predictor for ``model``: a .ckpt for torch, an .onnx for onnxruntime, a .plan (built
     by ``ssn-deploy export --format tensorrt``) for TensorRT, or a packaged model's name
@@ -103,6 +104,25 @@ def load_predictor(
     run in the precision they were exported with. ``model="intensity"`` is the no-network
     baseline.
     """
+    predictor = _load(model, backend, device, precision, compile, threads)
+    if tta:
+        from ssn_deploy.inference.tta import FlipAveragedPredictor
+
+        try:
+            return FlipAveragedPredictor(predictor, tta)  # type: ignore[return-value]
+        except ValueError as exc:
+            raise ConfigError(f"--tta: {exc}") from None
+    return predictor
+
+
+def _load(
+    model: str | Path,
+    backend: str,
+    device: str,
+    precision: str,
+    compile: bool,
+    threads: int | None,
+) -> Predictor:
     if str(model) == INTENSITY:
         return IntensityPredictor()
     if backend not in BACKENDS:
