@@ -20,7 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ssn_deploy.agglomeration.blockwise import segment_blockwise
+from ssn_deploy.agglomeration.blockwise import (
+    check_block_and_tile,
+    check_threshold,
+    segment_blockwise,
+)
 from ssn_deploy.errors import ConfigError, OutputExistsError, VoxelSizeError
 from ssn_deploy.inference.checks import check_raw
 from ssn_deploy.inference.engine import cached_predictor, predict_affinities
@@ -206,6 +210,8 @@ def infer(
         geometry = replace(geometry, fragment_tile=tuple(int(v) for v in fragment_tile))
     if block_shape is not None:
         geometry = replace(geometry, block_shape=tuple(int(v) for v in block_shape))
+    threshold = check_threshold(threshold)
+    check_block_and_tile(geometry.block_shape, geometry.fragment_tile)
     log.info("geometry: %s", geometry)
     specs = _stage_specs(out)
     timings = {}

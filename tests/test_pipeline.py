@@ -187,3 +187,25 @@ def test_tensorrt_engine_on_a_cpu_machine_is_a_clear_error(workspace: Path) -> N
     result = CliRunner().invoke(main, [*args, "--model", str(engine), "--device", "cuda"])
     assert result.exit_code == 1 and result.output.startswith("error: ")
     assert not (workspace / "trt.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "nan"], "threshold must be a number in [0, 1]"),
+        (["--threshold", "2"], "threshold must be a number in [0, 1]"),
+        (["--threshold", "-1"], "threshold must be a number in [0, 1]"),
+        (["--threshold", "inf"], "threshold must be a number in [0, 1]"),
+        (["--block-shape", "32,64,64", "--fragment-tile", "32,48,48"], "multiple of the fragment"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(
+    workspace: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "o.zarr"
+    args = ["infer", str(workspace / "raw.zarr"), "-o", str(out), "--model", "intensity"]
+    result = CliRunner().invoke(main, [*args, "--no-progress", *extra])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.output
+    assert not out.exists(), "nothing is written before the settings are checked"

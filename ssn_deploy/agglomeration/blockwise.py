@@ -72,6 +72,28 @@ REDUCE_EVERY = 64
 """Edge statistics of this many blocks are summed into one table as they arrive."""
 
 
+def check_threshold(threshold: float) -> float:
+    """Agglomeration thresholds are scores in [0, 1]: 0 merges nothing, 1 all but score-1 edges."""
+    value = float(threshold)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold}")
+    return value
+
+
+def check_block_and_tile(block_shape: Sequence[int], fragment_tile: Sequence[int]) -> None:
+    """Blocks must hold whole fragment tiles (checked before any work, not after affinities)."""
+    if len(block_shape) != 3 or len(fragment_tile) != 3 or min(*block_shape, *fragment_tile) < 1:
+        raise ConfigError(
+            f"block shape {tuple(block_shape)} and fragment tile {tuple(fragment_tile)} must be "
+            "three positive sizes z,y,x"
+        )
+    if any(int(b) % int(t) for b, t in zip(block_shape, fragment_tile, strict=True)):
+        raise ConfigError(
+            f"block shape {tuple(block_shape)} must be a multiple of the fragment tile "
+            f"{tuple(fragment_tile)}"
+        )
+
+
 def faces_spec(fragments_spec: str) -> str:
     """Where the face-continuity flags of ``…/fragments`` are kept: ``…/fragments_faces``."""
     spec = fragments_spec.removesuffix("/")
@@ -234,6 +256,8 @@ def segment_blockwise(
     """
     if resume and overwrite:
         raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
+    threshold = check_threshold(threshold)
+    check_block_and_tile(block_shape, fragment_tile)
     affs = open_volume(affinities) if isinstance(affinities, str) else affinities
     offsets = _offsets_of(affs, offsets)
     try:
