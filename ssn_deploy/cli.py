@@ -301,6 +301,191 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
     click.echo(str(best))
 
 
+# --- pretrain
+
+
+@main.command()
+@click.argument("volumes", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    default="runs/pretrain",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Run directory: encoder.ckpt (weights only), last.ckpt (resumable), log.csv.",
+)
+@click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option(
+    "--crop",
+    default=None,
+    help="Z,Y,X crop (the patch the encoder learns) [default: 18,160,160 for serial "
+    "sections (the paper's), 48,96,96 for isotropic data].",
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last.ckpt.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing RUN_DIR first.")
+def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str | None,
+             batch_size: int, lr: float, seed: int, threads: int | None, checkpoint_every: int,
+             resume: bool, overwrite: bool) -> None:  # fmt: skip
+    """Self-supervised (SimSiam) training of the U-Net encoder on unlabelled VOLUMES.
+
+    The encoder embeds patches for `ssn-deploy select`. Two views of each random crop, one
+    random EM perturbation each (intensity, noise, blur, cutout, misalignment, elastic,
+    flips); symmetric stop-gradient cosine loss; Adam, lr poly-decayed to 1e-4 (power 1.5).
+    The architecture (filters 16..64, 4 poolings) follows the voxel size: (1,2,2) poolings
+    and 1x5x5 embedding convs for serial sections, (2,2,2) and 5x5x5 for isotropic data.
+    """
+    from ssn_deploy.geometry import anisotropy
+    from ssn_deploy.models.unet import ModelConfig
+    from ssn_deploy.training.simsiam import PretrainConfig
+    from ssn_deploy.training.simsiam import pretrain as run_pretrain
+    from ssn_deploy.volumes import open_volume
+
+    with open_volume(volumes[0]) as first:
+        voxel_size = first.voxel_size
+    isotropic = voxel_size is not None and anisotropy(voxel_size) < 2
+    pool = (2, 2, 2) if isotropic else (1, 2, 2)
+    model = ModelConfig(
+        filters=(16, 24, 32, 48, 64),
+        poolings=(pool,) * 4,
+        embed_kernel=(5, 5, 5) if isotropic else (1, 5, 5),
+    )
+    shape = _int_triple(crop, "--crop") or ((48, 96, 96) if isotropic else (18, 160, 160))
+    config = PretrainConfig(
+        crop=shape,
+        iterations=iterations,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+        isotropic=isotropic,
+        model=model,
+    )
+    encoder = run_pretrain(list(volumes), run_dir, config, resume=resume, overwrite=overwrite)
+    click.echo(str(encoder))
+
+
+# --- select
+
+
+@main.command()
+@click.argument("volume")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder: embeddings.zarr, rois.json, roi_N crops, selection.png.",
+)
+@click.option(
+    "--encoder",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="encoder.ckpt from ssn-deploy pretrain (same voxel size as VOLUME).",
+)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Number of sub-volumes to annotate.",
+)
+@click.option(
+    "--window",
+    default=None,
+    help="Z,Y,X voxels of one sub-volume [default: 1x9x9 patches for serial sections "
+    "(18x480x480 voxels with the paper's patch), 3x3x3 for isotropic data; shrunk, "
+    "with a warning, when --budget of them do not fit].",
+)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Each patch covers its k nearest neighbours in embedding space.",
+)
+@click.option(
+    "--stride",
+    default=None,
+    help="Z,Y,X patch stride [default: ~0.45 of the patch in z, 1/4 in-plane].",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="Z0:Z1,Y0:Y1,X0:X1",
+    help="Keep this region (voxels) out of selection and coverage, e.g. a test region.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the baselines.")
+@click.option(
+    "--crop-format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing selection (and embeddings).")
+@click.option("--no-progress", is_flag=True)
+def select(volume: str, out_dir: str, encoder: str, budget: int, window: str | None, k: int,
+           stride: str | None, exclude: tuple[str, ...], seed: int, crop_format: str,
+           overwrite: bool, no_progress: bool) -> None:  # fmt: skip
+    """Choose which sub-volumes of VOLUME to annotate (coverage-based greedy selection, CGS).
+
+    Every patch of VOLUME is embedded by the pretrained encoder (stored, and reused when
+    selecting again with the same encoder and stride); each patch covers its k nearest
+    neighbours; --budget windows of adjacent patches are picked greedily, each adding the
+    most uncovered patches, none sharing a patch. rois.json also reports the coverage that 5
+    random selections and k-means++ reach at the same budget.
+    """
+    from ssn_deploy.errors import OutputExistsError
+    from ssn_deploy.geometry import Box
+    from ssn_deploy.selection.embed import EmbeddingGrid, Encoder, embed_volume
+    from ssn_deploy.selection.select import select as run_select
+    from ssn_deploy.volumes import open_volume
+
+    raw = open_volume(volume)
+    boxes = []
+    for text in exclude:
+        slices = parse_roi(text)
+        boxes.append(Box.from_bounds(
+            [s.start or 0 for s in slices],
+            [s.stop if s.stop is not None else n for s, n in zip(slices, raw.shape, strict=True)],
+        ))  # fmt: skip
+    enc = Encoder(encoder)
+    strides = _int_triple(stride, "--stride")
+    emb = f"{out_dir}/embeddings.zarr"
+    reuse = False
+    if Path(emb).exists():  # the same volume, encoder and stride: selection reruns in seconds
+        meta = open_volume(emb).attrs.get("ssn_deploy", {})
+        reuse = (
+            meta.get("source") == raw.spec
+            and meta.get("encoder") == enc.path
+            and (strides is None or list(strides) == meta.get("stride"))
+        )
+        if not reuse and not overwrite:
+            raise OutputExistsError(f"{emb} holds other embeddings; pass --overwrite")
+    if reuse:
+        click.echo(f"reusing {emb}", err=True)
+    else:
+        embed_volume(raw, enc, emb, stride=strides, overwrite=True, progress=not no_progress)
+    grid_meta = open_volume(emb).attrs["ssn_deploy"]
+    grid = EmbeddingGrid(tuple(grid_meta["volume_shape"]), tuple(grid_meta["patch"]),
+                         tuple(grid_meta["stride"]))  # fmt: skip
+    patches = grid.window_patches(_int_triple(window, "--window")) if window else None
+    report = run_select(emb, out_dir, budget=budget, window=patches, k=k, exclude=boxes,
+                        seed=seed, crop_format=crop_format, overwrite=overwrite)  # fmt: skip
+    for roi in report["rois"]:
+        click.echo(f"ROI {roi['index']}: offset {roi['offset_voxels']} shape {roi['shape_voxels']}"
+                   f" (coverage {roi['coverage']:.3f})")  # fmt: skip
+    c = report["coverage"]
+    click.echo(f"coverage: CGS {c['cgs']:.3f}, best of {len(c['random'])} random "
+               f"{c['random_best']:.3f}, k-means++ {c['kmeans++']:.3f}")  # fmt: skip
+    click.echo(f"wrote {out_dir}/rois.json, crops and {out_dir}/selection.png")
+
+
 # --- infer / segment
 
 

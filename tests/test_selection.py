@@ -90,7 +90,7 @@ def test_baselines_are_seeded_and_never_overlap() -> None:
     windows = grid_windows((1, 6, 9), (1, 3, 3))
     for picks in (
         random_windows(windows, 4, seed=1),
-        kmeanspp_windows(x, windows, (1, 6, 9), (1, 3, 3), 4, seed=1),
+        kmeanspp_windows(x, windows, np.argwhere(np.ones((1, 6, 9))), (1, 3, 3), 4, seed=1),
     ):
         cells = windows[picks].ravel()
         assert len(picks) == 4 and len(np.unique(cells)) == len(cells)

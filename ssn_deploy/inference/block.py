@@ -14,34 +14,7 @@ from ssn_deploy.geometry import Box
 from ssn_deploy.inference.blend import PatchGrid
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.models.normalization import Normalization
-from ssn_deploy.volumes import Volume
-
-
-def _reflect(indices: np.ndarray, length: int) -> np.ndarray:
-    """Mirror indices into ``[0, length)`` like ``np.pad(mode="reflect")`` (edge not repeated)."""
-    if length == 1:
-        return np.zeros_like(indices)
-    period = 2 * (length - 1)
-    indices = np.mod(indices, period)
-    return np.where(indices >= length, period - indices, indices)
-
-
-def reflect_read(volume: Volume, box: Box) -> np.ndarray:
-    """``volume[box]``, where parts of ``box`` outside the volume mirror the volume at its faces.
-
-    The mirror is about the *volume's* faces, whatever part of it is read, so a patch that
-    sticks out of the volume sees the same padding in every block.
-    """
-    shape = volume.shape[-3:]
-    if Box.from_shape(shape).contains(box):
-        return volume[box]
-    indices = [
-        _reflect(np.arange(b, e), n) for b, e, n in zip(box.begin, box.end, shape, strict=True)
-    ]
-    lo = [int(i.min()) for i in indices]
-    hi = [int(i.max()) + 1 for i in indices]
-    data = volume[Box.from_bounds(lo, hi)]
-    return data[np.ix_(*(i - b for i, b in zip(indices, lo, strict=True)))]
+from ssn_deploy.volumes import Volume, reflect_read
 
 
 def normalize(raw: np.ndarray, normalization: Normalization) -> np.ndarray:

@@ -15,7 +15,7 @@ it). :func:`.cover.coverage` scores any of them, or a user's own choice.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -23,6 +23,32 @@ from scipy import sparse
 
 class SelectionError(ValueError):
     """The budget cannot be met (too few non-overlapping windows)."""
+
+
+class Exclusion:
+    """Which windows a pick rules out: those sharing a patch with it (the paper's rule), or,
+    given each window's first cell ``corners`` and a ``reach`` per axis (in cells), those whose
+    corner lies closer than ``reach`` on every axis — windows whose *voxels* overlap, when
+    patches overlap (stride < patch), so that nothing is annotated twice."""
+
+    def __init__(
+        self,
+        windows: np.ndarray,
+        corners: np.ndarray | None = None,
+        reach: Sequence[int] | None = None,
+    ) -> None:
+        self.windows = windows
+        self.corners = None if corners is None else np.asarray(corners)
+        self.reach = None if reach is None else np.asarray(reach)
+        self.used = np.zeros(int(windows.max()) + 1, bool)
+        self.free = np.ones(len(windows), bool)
+
+    def take(self, index: int) -> None:
+        if self.corners is not None and self.reach is not None:
+            near = (np.abs(self.corners - self.corners[index]) < self.reach).all(axis=1)
+            self.free &= ~near
+        self.used[self.windows[index]] = True
+        self.free &= ~self.used[self.windows].any(axis=1)
 
 
 def _cover_matrix(neighbours: np.ndarray) -> sparse.csr_matrix:
@@ -39,18 +65,19 @@ def _membership(windows: np.ndarray, n: int) -> sparse.csr_matrix:
     return sparse.csr_matrix((data, (rows, windows.ravel())), shape=(w, n))
 
 
-def cgs(neighbours: np.ndarray, windows: np.ndarray, budget: int) -> list[int]:
+def cgs(
+    neighbours: np.ndarray, windows: np.ndarray, budget: int, exclusion: Exclusion | None = None
+) -> list[int]:
     """Indices into ``windows`` of the ``budget`` windows CGS picks, in the order picked."""
     n = len(neighbours)
     reach = (_membership(windows, n) @ _cover_matrix(neighbours)).tocsr()  # window → covered
     reach.data[:] = 1.0
     uncovered = np.ones(n, np.float32)
-    available = np.ones(len(windows), bool)
-    used = np.zeros(n, bool)
+    exclusion = exclusion or Exclusion(windows)
     picks: list[int] = []
     for _ in range(budget):
         gain = reach @ uncovered
-        gain[~available] = -1
+        gain[~exclusion.free] = -1
         best = int(np.argmax(gain))
         if gain[best] < 0:
             raise SelectionError(
@@ -58,23 +85,33 @@ def cgs(neighbours: np.ndarray, windows: np.ndarray, budget: int) -> list[int]:
             )
         picks.append(best)
         uncovered[reach[best].indices] = 0
-        used[windows[best]] = True
-        available &= ~used[windows].any(axis=1)
+        exclusion.take(best)
     return picks
 
 
-def random_windows(windows: np.ndarray, budget: int, seed: int) -> list[int]:
-    """``budget`` non-overlapping windows drawn uniformly at random (seeded)."""
+def random_windows(
+    windows: np.ndarray,
+    budget: int,
+    seed: int,
+    exclusion: Callable[[], Exclusion] | None = None,
+    attempts: int = 50,
+) -> list[int]:
+    """``budget`` non-overlapping windows drawn uniformly at random (seeded). A draw that
+    cannot place them all (random placement packs worse than a tiling) is redrawn, up to
+    ``attempts`` times."""
     rng = np.random.default_rng(seed)
-    used = np.zeros(int(windows.max()) + 1, bool)
-    picks: list[int] = []
-    for index in rng.permutation(len(windows)):
-        if not used[windows[index]].any():
-            picks.append(int(index))
-            used[windows[index]] = True
-            if len(picks) == budget:
-                return picks
-    raise SelectionError(f"only {len(picks)} non-overlapping windows fit in one random draw")
+    best: list[int] = []
+    for _ in range(attempts):
+        taken = exclusion() if exclusion else Exclusion(windows)
+        picks: list[int] = []
+        for index in rng.permutation(len(windows)):
+            if taken.free[index]:
+                picks.append(int(index))
+                taken.take(int(index))
+                if len(picks) == budget:
+                    return picks
+        best = max(best, picks, key=len)
+    raise SelectionError(f"only {len(best)} non-overlapping windows fit in {attempts} random draws")
 
 
 def _kmeanspp(embeddings: np.ndarray, seed: int) -> Iterator[int]:
@@ -101,27 +138,28 @@ def kmeanspp_centres(embeddings: np.ndarray, count: int, seed: int) -> list[int]
 def kmeanspp_windows(
     embeddings: np.ndarray,
     windows: np.ndarray,
-    grid: Sequence[int],
+    positions: np.ndarray,
     window: Sequence[int],
     budget: int,
     seed: int,
+    exclusion: Exclusion | None = None,
 ) -> list[int]:
-    """One window per k-means++ centre: the free window whose centre cell is nearest (in grid
-    cells) to the centre patch; centres are drawn until ``budget`` windows are placed."""
-    grid, window = np.asarray(grid), np.asarray(window)
-    corners = np.array(np.unravel_index(windows[:, 0], tuple(grid))).T
-    middles = corners + (window - 1) / 2
-    used = np.zeros(int(np.prod(grid)), bool)
+    """One window per k-means++ centre: the free window whose middle is nearest (in grid
+    cells) to the centre patch; centres are drawn until ``budget`` windows are placed.
+
+    ``positions[i]`` is patch ``i``'s (z, y, x) cell in the grid (patches may be a subset).
+    """
+    positions = np.asarray(positions)
+    middles = positions[windows[:, 0]] + (np.asarray(window) - 1) / 2
+    exclusion = exclusion or Exclusion(windows)
     picks: list[int] = []
     centres = _kmeanspp(embeddings, seed)
     while len(picks) < budget:
-        centre = next(centres)
-        position = np.array(np.unravel_index(centre, tuple(grid)))
-        free = ~used[windows].any(axis=1)
-        if not free.any():
+        position = positions[next(centres)]
+        if not exclusion.free.any():
             raise SelectionError(f"only {len(picks)} non-overlapping windows fit")
-        distance = np.abs(middles - position).sum(axis=1) + np.where(free, 0, np.inf)
+        distance = np.abs(middles - position).sum(axis=1) + np.where(exclusion.free, 0, np.inf)
         best = int(np.argmin(distance))
         picks.append(best)
-        used[windows[best]] = True
+        exclusion.take(best)
     return picks

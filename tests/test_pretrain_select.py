@@ -1,0 +1,125 @@
+"""``ssn-deploy pretrain`` (SimSiam) and ``ssn-deploy select`` (CGS) on real anisotropic EM.
+
+Small on purpose (a 16×96×96 crop of sections [0, 25) of ``fib_medulla_250_aniso5``, a 8×32×32
+encoder patch): what is tested is the plumbing — exact resume, embeddings stored and reused,
+ROIs that never overlap or enter an excluded region, crops, the picture, one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ssn_deploy.cli import main
+from ssn_deploy.models.checkpoint import load_checkpoint
+from ssn_deploy.volumes import create_volume, open_volume
+
+
+@pytest.fixture(scope="module")
+def unlabelled(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("select")
+    with h5py.File(data_dir / "fib_medulla_250_aniso5.hdf", "r") as f:
+        raw = f["volumes/raw"][0:16, 40:136, 40:136]
+    create_volume(str(root / "raw.zarr"), raw.shape, np.uint8, voxel_size=(50, 10, 10))[...] = raw
+    return root
+
+
+def run(*args: object) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+PRETRAIN = ("--crop", "8,32,32", "--threads", "1", "--checkpoint-every", "2")
+
+
+@pytest.fixture(scope="module")
+def encoder(unlabelled: Path) -> Path:
+    run("pretrain", unlabelled / "raw.zarr", "-o", unlabelled / "run", "--iterations", "4",
+        *PRETRAIN)  # fmt: skip
+    return unlabelled / "run" / "encoder.ckpt"
+
+
+def test_pretraining_resumes_exactly(unlabelled: Path, encoder: Path) -> None:
+    from ssn_deploy.training.simsiam import pretrain
+
+    half = unlabelled / "half"
+    config = load_checkpoint(encoder).extra["pretrain"]
+    from ssn_deploy.models.unet import ModelConfig
+    from ssn_deploy.training.simsiam import PretrainConfig
+
+    cfg = PretrainConfig(**(config | {"model": ModelConfig.from_dict(config["model"])}))
+    pretrain([str(unlabelled / "raw.zarr")], half, cfg, until=2, progress=False)  # interrupted
+    assert not (half / "encoder.ckpt").exists() and (half / "last.ckpt").exists()
+    run("pretrain", unlabelled / "raw.zarr", "-o", half, "--iterations", "4", "--resume",
+        *PRETRAIN)  # fmt: skip
+    a, b = load_checkpoint(encoder), load_checkpoint(half / "encoder.ckpt")
+    assert a.iteration == b.iteration == 4 and a.extra["kind"] == "simsiam-encoder"
+    for (name, x), (_, y) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), name
+    assert a.extra["patch_shape"] == [8, 32, 32] and tuple(a.voxel_size) == (50, 10, 10)
+
+
+def test_select_writes_rois_crops_and_picture(unlabelled: Path, encoder: Path) -> None:
+    out = unlabelled / "sel"
+    args = ["select", unlabelled / "raw.zarr", "-o", out, "--encoder", encoder, "--no-progress"]
+    output = run(*args, "--budget", "3", "--k", "10", "--exclude", "0:16,0:96,64:96")
+    assert "coverage: CGS" in output
+    report = json.loads((out / "rois.json").read_text())
+    assert report["method"] == "cgs" and len(report["rois"]) == 3 and report["k"] == 10
+    c = report["coverage"]
+    assert len(c["random"]) == 5 and 0 < c["cgs"] <= 1
+    assert c["cgs"] >= c["random_best"] - 1e-9, "CGS maximises coverage"
+    boxes = []
+    for roi in report["rois"]:
+        (z, y, x), (dz, dy, dx) = roi["offset_voxels"], roi["shape_voxels"]
+        assert x + dx <= 64, "nothing selected inside the excluded region"
+        crop = open_volume(str(out / roi["crop"]))
+        assert crop.shape == (dz, dy, dx)
+        np.testing.assert_array_equal(
+            crop[...], open_volume(str(unlabelled / "raw.zarr"))[z : z + dz, y : y + dy, x : x + dx]
+        )
+        assert roi["offset_nm"] == [z * 50.0, y * 10.0, x * 10.0]
+        boxes.append(np.s_[z : z + dz, y : y + dy, x : x + dx])
+    claimed = np.zeros((16, 96, 96), int)
+    for box in boxes:
+        claimed[box] += 1
+    assert claimed.max() == 1, "no voxel is annotated twice"
+    assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CliRunner().invoke(main, [str(a) for a in [*args, "--budget", "3", "--k", "10",
+                                      "--exclude", "0:16,0:96,64:96", "--overwrite"]])  # fmt: skip
+    assert again.exit_code == 0 and "reusing" in again.output
+    assert json.loads((out / "rois.json").read_text())["rois"] == report["rois"], "deterministic"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "500"], "cannot fit"),
+        (["--exclude", "0:16,0:96,0:96"], "excluded"),
+    ],
+)
+def test_select_refuses_bad_requests(unlabelled: Path, encoder: Path, extra, message) -> None:
+    out = unlabelled / f"bad{len(extra[1])}"
+    args = ["select", unlabelled / "raw.zarr", "-o", out, "--encoder", encoder, "--no-progress"]
+    result = CliRunner().invoke(main, [str(a) for a in [*args, *extra]])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (out / "rois.json").exists()
+
+
+def test_an_encoder_for_another_voxel_size_is_refused(unlabelled: Path, encoder: Path) -> None:
+    raw = open_volume(str(unlabelled / "raw.zarr"))[...]
+    iso = unlabelled / "iso.zarr"
+    create_volume(str(iso), raw.shape, np.uint8, voxel_size=(10, 10, 10))[...] = raw
+    result = CliRunner().invoke(
+        main, ["select", str(iso), "-o", str(unlabelled / "iso_sel"), "--encoder", str(encoder)]
+    )
+    assert result.exit_code == 1 and "pretrain one for this voxel size" in result.output
