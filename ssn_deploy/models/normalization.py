@@ -30,6 +30,10 @@ class Normalization:
         """Raw already scaled to [0, 1] (e.g. after intensity augmentation) → normalised."""
         return ((x - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32, copy=False)
 
+    def to_unit(self, x: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`from_unit`: model input back to [0, 1] intensities."""
+        return (x * np.float32(self.std) + np.float32(self.mean)).astype(np.float32, copy=False)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -144,3 +144,37 @@ class Augmenter:
         labels = ids[warped]
         known = ndimage.map_coordinates(known.astype(np.uint8), coords, order=0, mode="reflect")
         return raw, labels, known.astype(bool)
+
+
+PERTURBATIONS = ("intensity", "noise", "blur", "cutout", "misalignment", "elastic", "flip")
+"""What a view of an unlabelled crop may undergo (one at a time): SimSiam uses them all;
+consistency targets use :data:`ALIGNED_PERTURBATIONS`, which keep every voxel in place."""
+ALIGNED_PERTURBATIONS = ("intensity", "noise", "blur", "cutout")
+
+
+def perturb(raw: np.ndarray, kind: str, augmenter: Augmenter) -> np.ndarray:
+    """``raw`` (float32 in [0, 1]) after one perturbation ``kind``, drawn with the augmenter's
+    random stream; a new array."""
+    rng, raw = augmenter.rng, raw.astype(np.float32, copy=True)
+    ones = np.ones(raw.shape, bool)
+    if kind == "intensity":
+        raw = augmenter.intensity(raw)
+    elif kind == "noise":
+        raw = raw + rng.normal(0.0, 0.05, raw.shape).astype(np.float32)
+    elif kind == "blur":
+        s = rng.uniform(0.5, 1.5)
+        raw = ndimage.gaussian_filter(raw, (s if augmenter.isotropic else 0.0, s, s))
+    elif kind == "cutout":
+        size = [max(1, int(n * rng.uniform(0.2, 0.4))) for n in raw.shape]
+        lo = [int(rng.integers(0, n - s + 1)) for n, s in zip(raw.shape, size, strict=True)]
+        raw[tuple(slice(a, a + s) for a, s in zip(lo, size, strict=True))] = float(raw.mean())
+    elif kind == "misalignment":
+        raw = augmenter.misalign(raw, np.zeros(raw.shape, np.uint8), ones)[0]
+    elif kind == "elastic":
+        raw = augmenter.elastic(raw, np.zeros(raw.shape, np.uint8), ones)[0]
+    elif kind == "flip":
+        axes = [a for a in range(3) if rng.random() < 0.5] or [2]
+        raw = np.ascontiguousarray(np.flip(raw, axes))
+    else:
+        raise ValueError(f"unknown perturbation {kind!r} (known: {', '.join(PERTURBATIONS)})")
+    return np.clip(raw, 0.0, 1.0).astype(np.float32)

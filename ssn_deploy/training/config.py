@@ -102,6 +102,7 @@ class TrainingConfig:
     device: str = "cpu"
     threads: int | None = None
     clip_grad_norm: float | None = 10.0
+    init_from: str | None = None
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -127,6 +128,66 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class UnlabelledSource:
+    """An unlabelled raw volume (FILE:DATASET or PATH) and the z-range crops may come from."""
+
+    raw: str
+    z: ZRange | None = None
+
+
+@dataclass(frozen=True)
+class SemiConfig:
+    """Semi-supervised training (DESIGN §2): IIC mixing or a mean teacher, on unlabelled pools.
+
+    ``method: supervised`` (the default) ignores the rest.
+    """
+
+    method: str = "supervised"
+    unlabeled: tuple[UnlabelledSource, ...] = ()
+    weight_intra_unlabeled: float = 0.2
+    weight_inter: float = 0.2
+    weight_consistency: float = 0.2
+    target: str = "siamese"
+    ema_decay: float = 0.99
+    box_fraction: float = 0.5625
+
+    def __post_init__(self) -> None:
+        if self.method not in ("supervised", "iic", "mean_teacher"):
+            raise ConfigError(
+                f"semi.method: expected supervised, iic or mean_teacher, got {self.method!r}"
+            )
+        if self.target not in ("siamese", "ema"):
+            raise ConfigError(f"semi.target: expected siamese or ema, got {self.target!r}")
+        sources = []
+        for i, item in enumerate(self.unlabeled):
+            if isinstance(item, UnlabelledSource):
+                sources.append(item)
+            elif isinstance(item, str):
+                sources.append(UnlabelledSource(item))
+            elif isinstance(item, dict) and "raw" in item and set(item) <= {"raw", "z"}:
+                sources.append(
+                    UnlabelledSource(
+                        str(item["raw"]), _z_range(item.get("z"), f"semi.unlabeled[{i}].z")
+                    )
+                )
+            else:
+                raise ConfigError(
+                    f"semi.unlabeled[{i}]: expected FILE:DATASET or {{raw: ..., z: [a, b]}}, "
+                    f"got {item!r}"
+                )
+        object.__setattr__(self, "unlabeled", tuple(sources))
+        if self.method != "supervised" and not self.unlabeled:
+            raise ConfigError(f"semi.unlabeled: {self.method} needs at least one unlabelled volume")
+        for key in ("weight_intra_unlabeled", "weight_inter", "weight_consistency"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"semi.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"semi.ema_decay: expected a value in (0, 1), got {self.ema_decay}")
+        if not 0 < self.box_fraction < 1:
+            raise ConfigError(f"semi.box_fraction: expected (0, 1), got {self.box_fraction}")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     thresholds: tuple[float, ...] = (0.5,)
     ignore_ids: tuple[int, ...] = ()
@@ -147,6 +208,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
 
     def __post_init__(self) -> None:
         g = self.model.granularity
@@ -168,6 +230,8 @@ class Config:
             "training": _plain(asdict(self.training)),
             "augment": asdict(self.augment),
             "validation": _plain(asdict(self.validation)),
+            "semi": _plain(asdict(self.semi))
+            | {"unlabeled": [_plain(asdict(u)) for u in self.semi.unlabeled]},
         }
 
 
@@ -184,6 +248,20 @@ def _section(cls: type, raw: Any, name: str, base: Path | None = None) -> Any:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{name}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}")
+    if cls is SemiConfig and isinstance(raw.get("unlabeled"), list):
+        resolved = []
+        for item in raw["unlabeled"]:
+            if isinstance(item, str):
+                item = resolve_volume_path(item, base)
+            elif isinstance(item, dict) and "raw" in item:
+                item = item | {"raw": resolve_volume_path(str(item["raw"]), base)}
+            resolved.append(item)
+        raw = raw | {"unlabeled": tuple(resolved)}
+    if cls is TrainingConfig and raw.get("init_from"):
+        path = Path(os.path.expandvars(str(raw["init_from"])))
+        if base is not None and not path.is_absolute():
+            path = (base / path).resolve()
+        raw = raw | {"init_from": str(path)}
     if cls is DataConfig:
         for key in ("raw", "labels"):
             if key not in raw:
@@ -227,9 +305,10 @@ def config_from_dict(raw: dict[str, Any], base: Path | None = None) -> Config:
     return Config(
         model=model,
         data=_section(DataConfig, raw["data"], "data", base),
-        training=_section(TrainingConfig, raw.get("training"), "training"),
+        training=_section(TrainingConfig, raw.get("training"), "training", base),
         augment=_section(AugmentConfig, raw.get("augment"), "augment"),
         validation=_section(ValidationConfig, raw.get("validation"), "validation"),
+        semi=_section(SemiConfig, raw.get("semi"), "semi", base),
     )
 
 

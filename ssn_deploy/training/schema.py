@@ -14,6 +14,7 @@ from ssn_deploy.models.unet import ModelConfig
 from ssn_deploy.training.config import (
     AugmentConfig,
     DataConfig,
+    SemiConfig,
     TrainingConfig,
     ValidationConfig,
 )
@@ -24,6 +25,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "augment": AugmentConfig,
     "validation": ValidationConfig,
+    "semi": SemiConfig,
 }
 
 KEY_DOCS: dict[str, str] = {
@@ -59,6 +61,8 @@ KEY_DOCS: dict[str, str] = {
     "training.threads": "torch intra-op threads (null: torch's default)",
     "training.clip_grad_norm": "gradient-norm clip; null disables it",
     "training.seed": "seeds crops, augmentations and initialisation",
+    "training.init_from": "checkpoint whose weights start the run (e.g. the supervised warm-up "
+    "before semi-supervised tuning); path relative to the config file",
     "training.log_every": "iterations per log.csv row",
     "training.checkpoint_every": "iterations per checkpoint (last.ckpt and checkpoints/)",
     "training.val_every": "iterations per validation (printed; best.ckpt follows the best)",
@@ -76,6 +80,14 @@ KEY_DOCS: dict[str, str] = {
     "validation.thresholds": "agglomeration thresholds tried at each validation; the best "
     "becomes the model's threshold (used by infer)",
     "validation.ignore_ids": "ground-truth ids left out of validation metrics (e.g. glia)",
+    "semi.method": "supervised, iic (intra- and inter-mixing consistency) or mean_teacher",
+    "semi.unlabeled": "unlabelled raw volumes: FILE:DATASET, or {raw: FILE:DATASET, z: [a, b]}",
+    "semi.weight_intra_unlabeled": "IIC: weight of the consistency on two mixed unlabelled crops",
+    "semi.weight_inter": "IIC: weight of the labelled-into-unlabelled mixing terms",
+    "semi.weight_consistency": "mean_teacher: weight of the consistency to the EMA teacher",
+    "semi.target": "IIC target network: siamese (the same weights, stop-gradient) or ema",
+    "semi.ema_decay": "decay of the EMA teacher (target: ema, and mean_teacher)",
+    "semi.box_fraction": "IIC box mask side as a fraction of the crop (paper: 90 of 160)",
 }
 
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -32,14 +31,13 @@ from ssn_deploy.models.checkpoint import load_checkpoint, restore_rng, save_chec
 from ssn_deploy.models.normalization import Normalization
 from ssn_deploy.models.registry import build_model
 from ssn_deploy.models.unet import ModelConfig
-from ssn_deploy.training.augment import Augmenter
+from ssn_deploy.training.augment import PERTURBATIONS, Augmenter, perturb
 from ssn_deploy.training.config import AugmentConfig
 from ssn_deploy.training.run import prepare_run_dir
 from ssn_deploy.volumes import Volume, open_volume
 
 log = logging.getLogger(__name__)
 
-PERTURBATIONS = ("intensity", "noise", "blur", "cutout", "misalignment", "elastic", "flip")
 PROJECTION, HIDDEN = 128, 512
 
 
@@ -159,29 +157,7 @@ class Views:
     def perturb(self, raw: np.ndarray) -> np.ndarray:
         """One perturbation drawn uniformly from :data:`PERTURBATIONS`."""
         kind = PERTURBATIONS[int(self.rng.integers(len(PERTURBATIONS)))]
-        raw = raw.copy()
-        ones = np.ones(raw.shape, bool)
-        if kind == "intensity":
-            raw = self.augmenter.intensity(raw)
-        elif kind == "noise":
-            raw = raw + self.rng.normal(0.0, 0.05, raw.shape).astype(np.float32)
-        elif kind == "blur":
-            s = self.rng.uniform(0.5, 1.5)
-            raw = ndimage.gaussian_filter(raw, (s if self.isotropic else 0.0, s, s))
-        elif kind == "cutout":
-            size = [max(1, int(n * self.rng.uniform(0.2, 0.4))) for n in raw.shape]
-            lo = [
-                int(self.rng.integers(0, n - s + 1)) for n, s in zip(raw.shape, size, strict=True)
-            ]
-            raw[tuple(slice(a, a + s) for a, s in zip(lo, size, strict=True))] = float(raw.mean())
-        elif kind == "misalignment":
-            raw = self.augmenter.misalign(raw, np.zeros(raw.shape, np.uint8), ones)[0]
-        elif kind == "elastic":
-            raw = self.augmenter.elastic(raw, np.zeros(raw.shape, np.uint8), ones)[0]
-        else:
-            axes = [a for a in range(3) if self.rng.random() < 0.5] or [2]
-            raw = np.ascontiguousarray(np.flip(raw, axes))
-        return np.clip(raw, 0.0, 1.0).astype(np.float32)
+        return perturb(raw, kind, self.augmenter)
 
     def batch(self, size: int, normalize) -> tuple[torch.Tensor, torch.Tensor]:
         crops = [self.crop_once() for _ in range(size)]

@@ -157,13 +157,8 @@ class Trainer:
         non-finite or huge at random; see the crop note in configs/fib_medulla_250.yaml.
         """
         self.model.train()
-        raw, affs, weights = (
-            torch.from_numpy(a).to(self.device) for a in (batch.raw, batch.affs, batch.weights)
-        )
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        with autocast(self.device, self.config.training.amp):
-            logits = self.model.forward_logits(raw)
-        loss = self.loss_fn(logits, affs, weights)
+        loss, terms = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.config.training.clip_grad_norm
@@ -191,7 +186,20 @@ class Trainer:
             return {"loss": float(loss.detach()), "skipped": 1.0}
         self.skipped_in_a_row = 0
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+        self.after_update()
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), **terms}
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch (and named parts to log); semi-supervised trainers override it."""
+        raw, affs, weights = (
+            torch.from_numpy(a).to(self.device) for a in (batch.raw, batch.affs, batch.weights)
+        )
+        with autocast(self.device, self.config.training.amp):
+            logits = self.model.forward_logits(raw)
+        return self.loss_fn(logits, affs, weights), {}
+
+    def after_update(self) -> None:
+        """Hook after each optimizer step (an EMA teacher follows the student here)."""
 
     # -- validation ------------------------------------------------------------------------
 
@@ -260,6 +268,20 @@ class Trainer:
         self.skipped = int(ckpt.extra.get("skipped", 0))
         self.skipped_in_a_row = int(ckpt.extra.get("skipped_in_a_row", 0))
         restore_rng(ckpt.rng, self.generators)
+
+    def initialise_from(self, path: Path) -> None:
+        """Start from another run's weights and normalisation (e.g. the supervised warm-up);
+        optimizer, iteration and random streams start afresh."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.config != self.config.model:
+            raise ConfigError(f"training.init_from: {path} holds a different model architecture")
+        self.model.load_state_dict(ckpt.model.state_dict())
+        self.normalization = ckpt.normalization
+        self.source.normalize = self.normalization.from_unit
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.load_state_dict(self.model.state_dict())
+        log.info("initialised from %s (iteration %d)", path, ckpt.iteration)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -377,11 +399,15 @@ def train(
             raise ConfigError(f"training: {exc}") from None
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    trainer = Trainer(config, run_dir, segmenter=segmenter)
+    from ssn_deploy.training.semi import TRAINERS  # semi builds on this module
+
+    trainer = TRAINERS[config.semi.method](config, run_dir, segmenter=segmenter)
     last = run_dir / "last.ckpt"
     if resume and last.exists():
         trainer.resume(last)
         log.info("resumed %s at iteration %d", last, trainer.iteration)
+    elif config.training.init_from:
+        trainer.initialise_from(Path(config.training.init_from))
     record_run(run_dir, config)
     trainer.fit(config.training.iterations, progress=progress)
     best = run_dir / "best.ckpt"
