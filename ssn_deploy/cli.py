@@ -547,7 +547,9 @@ def _choose_default_model(volume: str, voxel_size: tuple[float, float, float] | 
     "--backend",
     type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
     default=None,
-    help="Defaults to the one matching --model (.ckpt torch, .onnx onnxruntime, .plan tensorrt).",
+    help="Defaults to the fastest that runs --model: the file's own (.ckpt torch, .onnx "
+    "onnxruntime, .plan tensorrt); onnxruntime for packaged models (torch with --precision "
+    "bf16/fp16 or --compile).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -658,9 +660,10 @@ def infer(
     from ssn_deploy.pipeline import infer as run_infer
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    from ssn_deploy.inference.loader import auto_backend
+
     if backend is None:
-        suffixes = {".onnx": "onnxruntime", ".plan": "tensorrt"}
-        backend = suffixes.get(Path(model).suffix, "torch")
+        backend = auto_backend(model, precision, compile_model)
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
     voxel = parse_triple(voxel_size, "--voxel-size")
     if model == "default":

@@ -28,7 +28,7 @@ from ssn_deploy.agglomeration.blockwise import (
 from ssn_deploy.errors import ConfigError, OutputExistsError, VoxelSizeError
 from ssn_deploy.inference.checks import check_raw
 from ssn_deploy.inference.engine import cached_predictor, predict_affinities
-from ssn_deploy.inference.loader import DEFAULT, choose_packaged, load_predictor
+from ssn_deploy.inference.loader import DEFAULT, auto_backend, choose_packaged, load_predictor
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.preview import write_preview
 from ssn_deploy.volumes import Volume, open_volume
@@ -152,12 +152,17 @@ def preview_path(out: str) -> Path:
     return Path(out.removesuffix("/").removesuffix(".zarr") + ".preview.png")
 
 
-def _refuse_existing(out: str, resume: bool, overwrite: bool) -> None:
+def _refuse_existing(out: str, resume: bool, overwrite: bool, preview: bool = False) -> None:
     if resume and overwrite:
         raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
     if os.path.exists(out) and not (resume or overwrite):
         raise OutputExistsError(
             f"{out} already exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    png = preview_path(out)
+    if preview and png.exists() and not (resume or overwrite):
+        raise OutputExistsError(
+            f"{png} already exists; pass --overwrite to replace it, or --no-preview"
         )
 
 
@@ -166,7 +171,7 @@ def infer(
     out: str,
     *,
     model: str = "default",
-    backend: str = "torch",
+    backend: str = "auto",
     device: str = "cpu",
     precision: str = "fp32",
     threshold: float | None = None,
@@ -187,10 +192,12 @@ def infer(
     preview: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the output specs, geometry and stage timings."""
-    _refuse_existing(out, resume, overwrite)
+    _refuse_existing(out, resume, overwrite, preview)
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
     check_raw(raw, None)  # rank, dtype, values, voxel size: before any geometry or model
     model = resolve_model(model, raw.voxel_size)
+    if backend == "auto":
+        backend = auto_backend(model, precision, compile)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     factory = functools.partial(
         load_predictor,

@@ -209,3 +209,22 @@ def test_bad_settings_are_refused_before_any_work(
     assert result.output.strip().splitlines()[-1].startswith("error: ")
     assert message in result.output
     assert not out.exists(), "nothing is written before the settings are checked"
+
+
+def test_an_existing_preview_is_not_overwritten(workspace: Path, tmp_path: Path) -> None:
+    png = tmp_path / "out.preview.png"
+    png.write_bytes(b"a picture someone keeps")
+    out = tmp_path / "out.zarr"
+    args = ["infer", str(workspace / "raw.zarr"), "-o", str(out), "--model", "intensity"]
+    result = CliRunner().invoke(main, [*args, "--no-progress"])
+    assert result.exit_code == 1 and "preview.png already exists" in result.output
+    assert png.read_bytes() == b"a picture someone keeps" and not out.exists()
+
+
+def test_auto_backend_is_the_fastest_that_runs_the_model() -> None:
+    from ssn_deploy.inference.loader import auto_backend
+
+    assert auto_backend("default") == auto_backend("aniso") == "onnxruntime"
+    assert auto_backend("iso", precision="bf16") == auto_backend("iso", compile=True) == "torch"
+    assert auto_backend("run/best.ckpt") == "torch" and auto_backend("m.onnx") == "onnxruntime"
+    assert auto_backend("e.plan") == "tensorrt" and auto_backend("intensity") == "torch"

@@ -86,6 +86,23 @@ def is_packaged_name(model: str | Path) -> bool:
     return str(model) == DEFAULT or any(str(model) == m.name for m in PACKAGED_MODELS)
 
 
+def auto_backend(model: str | Path, precision: str = "fp32", compile: bool = False) -> str:
+    """The fastest backend that runs ``model`` here: the file's own for .onnx / .plan / .ckpt;
+    for a packaged model its ONNX graph on onnxruntime (1.5–1.65× torch eager on the CPU,
+    ``benchmarks/backends.py``) unless torch-only options (``precision``, ``compile``) are asked
+    for or onnxruntime is not installed."""
+    suffix = Path(str(model)).suffix
+    for backend, ext in BACKENDS.items():
+        if suffix == ext:
+            return backend
+    if is_packaged_name(model) and precision == "fp32" and not compile:
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is not None:
+            return "onnxruntime"
+    return "torch"
+
+
 def load_predictor(
     model: str | Path,
     backend: str = "torch",
