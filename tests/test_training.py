@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,14 @@ def test_every_config_key_is_documented() -> None:
     assert all(key.split(".")[1] in text for key in keys)
     result = CliRunner().invoke(main, ["train", "--config-keys"])
     assert result.exit_code == 0 and "validation:" in result.output and "test_z" in result.output
+
+
+def test_poly_schedule_holds_then_decays_to_lr_end(tiny_train) -> None:
+    cfg = tiny_config(tiny_train, iterations=100, lr=1e-3, lr_schedule="poly",
+                      lr_decay_start=40, lr_end=1e-5).training  # fmt: skip
+    assert cfg.lr_at(0) == cfg.lr_at(39) == 1e-3
+    values = [cfg.lr_at(i) for i in range(40, 101)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+    assert values[-1] == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="lr_decay_start"):
+        tiny_config(tiny_train, iterations=10, lr_schedule="poly", lr_decay_start=10)

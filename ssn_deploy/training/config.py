@@ -97,6 +97,10 @@ class TrainingConfig:
     crop: tuple[int, int, int] = (32, 96, 96)
     batch_size: int = 1
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_decay_start: int = 0
+    lr_end: float = 1e-5
+    lr_power: float = 1.5
     loss: str = "bce"
     amp: str = "none"
     device: str = "cpu"
@@ -125,6 +129,26 @@ class TrainingConfig:
             raise ConfigError(f"training.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")
         if not self.lr > 0:
             raise ConfigError(f"training.lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "poly"):
+            raise ConfigError(
+                f"training.lr_schedule: expected constant or poly, got {self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "poly":
+            if not 0 <= self.lr_decay_start < self.iterations:
+                raise ConfigError(
+                    f"training.lr_decay_start: expected 0 <= start < iterations, got "
+                    f"{self.lr_decay_start}"
+                )
+            if not 0 < self.lr_end < self.lr or not self.lr_power > 0:
+                raise ConfigError("training.lr_end must lie in (0, lr) and lr_power be > 0")
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate of update ``iteration + 1``: constant, or constant until
+        ``lr_decay_start`` and then ``lr_end + (lr − lr_end)·(1 − t)^lr_power`` to the end."""
+        if self.lr_schedule == "constant" or iteration < self.lr_decay_start:
+            return self.lr
+        t = (iteration - self.lr_decay_start) / (self.iterations - self.lr_decay_start)
+        return self.lr_end + (self.lr - self.lr_end) * (1 - min(t, 1.0)) ** self.lr_power
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ KEY_DOCS: dict[str, str] = {
     "training.crop": "crop z,y,x; a multiple of the model's granularity",
     "training.batch_size": "crops per update",
     "training.lr": "Adam learning rate (eps 0.01, weight decay 1e-6, AMSGrad as the paper)",
+    "training.lr_schedule": "constant, or poly: constant until lr_decay_start, then decayed "
+    "to lr_end at the last iteration",
+    "training.lr_decay_start": "poly: the iteration the decay starts at",
+    "training.lr_end": "poly: the learning rate at the last iteration",
+    "training.lr_power": "poly: the decay's power (paper's SimSiam schedule: 1.5)",
     "training.loss": "bce (class-balanced) or mse",
     "training.amp": "none or bf16 (autocast; fast only on CPUs with AVX512-BF16, or GPUs)",
     "training.device": "cpu or cuda",

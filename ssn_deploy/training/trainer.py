@@ -303,6 +303,8 @@ class Trainer:
         t_last, n_last = time.perf_counter(), self.iteration
         try:
             while self.iteration < iterations:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = tc.lr_at(self.iteration)
                 scalars = self.step(self.next_batch())
                 self.iteration += 1
                 if "skipped" not in scalars:
