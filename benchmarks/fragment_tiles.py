@@ -117,11 +117,12 @@ def main() -> None:
         "--output", type=Path, default=REPO / "benchmarks/results/fragment_tiles.json"
     )
     args = parser.parse_args()
-    results = {
+    earlier = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results = {  # datasets not run this time keep their earlier figures
         "version": __version__,
         "fragment_context": FRAGMENT_CONTEXT,
         "load_average": os.getloadavg(),
-        "datasets": {},
+        "datasets": earlier.get("datasets", {}),
     }
     for stem in args.datasets:
         results["datasets"][stem] = measure(stem, args.data, args.work)

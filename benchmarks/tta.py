@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(VALIDATION), choices=list(VALIDATION))
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks/results/tta.json")
     args = parser.parse_args()
-    results = {"version": __version__, "cpus": os.cpu_count(), "models": {}}
+    earlier = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results = {"version": __version__, "cpus": os.cpu_count(), "models": earlier.get("models", {})}
     for model in args.models:
         stem, roi = VALIDATION[model]
         out = args.work / model
