@@ -274,7 +274,8 @@ def _print_config_keys(ctx: click.Context, _param: click.Parameter, value: bool)
 )
 def train(config: str, run_dir: str, iterations: int | None, device: str | None,
           lr: float | None, resume: bool, overwrite: bool) -> None:  # fmt: skip
-    """Train an affinity model from CONFIG.yaml (supervised warm-up).
+    """Train an affinity model from CONFIG.yaml: supervised, or semi-supervised (IIC, mean
+    teacher) when the config has a semi: section.
 
     Validation runs every training.val_every iterations on data.val_z: its VOI (split/merge)
     and ARAND at the best of validation.thresholds are printed, and RUN_DIR/best.ckpt follows
