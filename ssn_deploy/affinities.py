@@ -62,6 +62,19 @@ def _pair_slices(
     return tuple(here), tuple(there)
 
 
+def at_offset(x: np.ndarray, offset: Sequence[int]) -> np.ndarray:
+    """``x`` at ``v + offset`` over its last three axes (z, y, x), and ``x`` itself where
+    ``v + offset`` falls outside: the partner of every voxel along one affinity edge."""
+    out = x.copy()
+    lead = [slice(None)] * (x.ndim - 3)
+    dst, src = list(lead), list(lead)
+    for o, n in zip(offset, x.shape[-3:], strict=True):
+        dst.append(slice(max(0, -o), n - max(0, o)))
+        src.append(slice(max(0, o), n - max(0, -o)))
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
 def affinities_from_labels(
     labels: np.ndarray,
     offsets: Sequence[Sequence[int]] = DEFAULT_OFFSETS,

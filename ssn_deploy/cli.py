@@ -438,46 +438,28 @@ def select(volume: str, out_dir: str, encoder: str, budget: int, window: str | N
     Every patch of VOLUME is embedded by the pretrained encoder (stored, and reused when
     selecting again with the same encoder and stride); each patch covers its k nearest
     neighbours; --budget windows of adjacent patches are picked greedily, each adding the
-    most uncovered patches, none sharing a patch. rois.json also reports the coverage that 5
-    random selections and k-means++ reach at the same budget.
+    most uncovered patches, no two sharing a voxel. rois.json also reports the coverage that
+    5 random selections and k-means++ reach at the same budget.
     """
-    from ssn_deploy.errors import OutputExistsError
     from ssn_deploy.geometry import Box
-    from ssn_deploy.selection.embed import EmbeddingGrid, Encoder, embed_volume
-    from ssn_deploy.selection.select import select as run_select
+    from ssn_deploy.selection.select import select_volume
     from ssn_deploy.volumes import open_volume
 
-    raw = open_volume(volume)
+    with open_volume(volume) as raw:
+        shape = raw.shape
     boxes = []
     for text in exclude:
         slices = parse_roi(text)
         boxes.append(Box.from_bounds(
             [s.start or 0 for s in slices],
-            [s.stop if s.stop is not None else n for s, n in zip(slices, raw.shape, strict=True)],
+            [s.stop if s.stop is not None else n for s, n in zip(slices, shape, strict=True)],
         ))  # fmt: skip
-    enc = Encoder(encoder)
-    strides = _int_triple(stride, "--stride")
-    emb = f"{out_dir}/embeddings.zarr"
-    reuse = False
-    if Path(emb).exists():  # the same volume, encoder and stride: selection reruns in seconds
-        meta = open_volume(emb).attrs.get("ssn_deploy", {})
-        reuse = (
-            meta.get("source") == raw.spec
-            and meta.get("encoder") == enc.path
-            and (strides is None or list(strides) == meta.get("stride"))
-        )
-        if not reuse and not overwrite:
-            raise OutputExistsError(f"{emb} holds other embeddings; pass --overwrite")
-    if reuse:
-        click.echo(f"reusing {emb}", err=True)
-    else:
-        embed_volume(raw, enc, emb, stride=strides, overwrite=True, progress=not no_progress)
-    grid_meta = open_volume(emb).attrs["ssn_deploy"]
-    grid = EmbeddingGrid(tuple(grid_meta["volume_shape"]), tuple(grid_meta["patch"]),
-                         tuple(grid_meta["stride"]))  # fmt: skip
-    patches = grid.window_patches(_int_triple(window, "--window")) if window else None
-    report = run_select(emb, out_dir, budget=budget, window=patches, k=k, exclude=boxes,
-                        seed=seed, crop_format=crop_format, overwrite=overwrite)  # fmt: skip
+    report = select_volume(
+        volume, encoder, out_dir, budget=budget, window_voxels=_int_triple(window, "--window"),
+        k=k, stride=_int_triple(stride, "--stride"), exclude=boxes, seed=seed,
+        crop_format=crop_format, overwrite=overwrite, progress=not no_progress,
+        announce=lambda message: click.echo(message, err=True),
+    )  # fmt: skip
     for roi in report["rois"]:
         click.echo(f"ROI {roi['index']}: offset {roi['offset_voxels']} shape {roi['shape_voxels']}"
                    f" (coverage {roi['coverage']:.3f})")  # fmt: skip
@@ -508,25 +490,6 @@ def _quiet_dask(verbose: int) -> None:
 
         for name in ("distributed", "dask"):
             logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _choose_default_model(volume: str, voxel_size: tuple[float, float, float] | None) -> str:
-    """The packaged model for the volume's voxel size, announced before any work starts."""
-    from ssn_deploy.inference.loader import choose_packaged
-    from ssn_deploy.volumes import open_volume
-
-    with open_volume(volume, voxel_size=voxel_size) as vol:
-        found = vol.voxel_size
-    if found is None:
-        return "default"  # infer stops on the missing voxel size with its own message
-    chosen = choose_packaged(found)
-    nm = "×".join(f"{v:g}" for v in chosen.voxel_size)
-    click.echo(
-        f"model: packaged '{chosen.name}' ({chosen.modality}, trained at {nm} nm), chosen for "
-        f"voxel size {'×'.join(f'{v:g}' for v in found)} nm; --model iso|aniso|FILE overrides",
-        err=True,
-    )
-    return chosen.name
 
 
 @main.command()
@@ -661,19 +624,12 @@ def infer(
     from ssn_deploy.pipeline import infer as run_infer
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
-    from ssn_deploy.inference.loader import auto_backend
-
-    if backend is None:
-        backend = auto_backend(model, precision, compile_model)
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
-    voxel = parse_triple(voxel_size, "--voxel-size")
-    if model == "default":
-        model = _choose_default_model(volume, voxel)
     result = run_infer(
         volume,
         out,
         model=model,
-        backend=backend,
+        backend=backend or "auto",
         device=device,
         precision=precision,
         compile=compile_model,
@@ -686,12 +642,13 @@ def infer(
         fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
         scheduler=scheduler,
         workers=workers,
-        voxel_size=voxel,
+        voxel_size=parse_triple(voxel_size, "--voxel-size"),
         affinity_dtype=affinity_dtype,
         resume=resume,
         overwrite=overwrite,
         progress=not no_progress,
         preview=not no_preview,
+        announce=lambda message: click.echo(message, err=True),
     )
     seconds = sum(result["timings"].values())
     click.echo(f"segmentation: {result['segmentation']}")

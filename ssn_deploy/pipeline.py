@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from ssn_deploy.agglomeration.blockwise import (
     segment_blockwise,
 )
 from ssn_deploy.errors import ConfigError, OutputExistsError, VoxelSizeError
-from ssn_deploy.inference.checks import check_raw
+from ssn_deploy.inference.checks import check_raw, format_nm
 from ssn_deploy.inference.engine import cached_predictor, predict_affinities
 from ssn_deploy.inference.loader import DEFAULT, auto_backend, choose_packaged, load_predictor
 from ssn_deploy.inference.predictor import Predictor
@@ -191,12 +191,18 @@ def infer(
     overwrite: bool = False,
     progress: bool = True,
     preview: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline; returns the output specs, geometry and stage timings."""
+    """Run the whole pipeline; returns the output specs, geometry and stage timings.
+
+    ``announce`` receives the line naming the packaged model chosen for ``model="default"``
+    (the CLI prints it before any work; by default it is logged)."""
     _refuse_existing(out, resume, overwrite, preview)
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
     check_raw(raw, None)  # rank, dtype, values, voxel size: before any geometry or model
-    model = resolve_model(model, raw.voxel_size)
+    model, choice = resolve_model(model, raw.voxel_size)
+    if choice:
+        (announce or log.info)(choice)
     if backend == "auto":
         backend = auto_backend(model, precision, compile)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -275,15 +281,18 @@ def infer(
     return result
 
 
-def resolve_model(model: str, voxel_size: Sequence[float] | None) -> str:
-    """``"default"`` → the packaged model that fits ``voxel_size`` (``"iso"`` or ``"aniso"``)."""
+def resolve_model(model: str, voxel_size: Sequence[float] | None) -> tuple[str, str | None]:
+    """``"default"`` → the packaged model that fits ``voxel_size`` (``"iso"`` or ``"aniso"``),
+    with a line that says so; any other model as it is, with no line."""
     if str(model) != DEFAULT:
-        return str(model)
+        return str(model), None
     chosen = choose_packaged(voxel_size)
-    log.info(
-        "model: packaged %r (%s) chosen for voxel size %s", chosen.name, chosen.modality, voxel_size
+    found = format_nm(voxel_size) if voxel_size is not None else "unknown"
+    return chosen.name, (
+        f"model: packaged '{chosen.name}' ({chosen.modality}, trained at "
+        f"{format_nm(chosen.voxel_size)}), chosen for voxel size {found}; --model "
+        "iso|aniso|FILE overrides"
     )
-    return chosen.name
 
 
 SEGMENTATION_KEY = "segmentation"

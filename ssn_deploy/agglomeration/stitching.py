@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import fastremap
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -160,16 +161,9 @@ def merge_stitched(stats: EdgeStats, mapping: dict[int, int]) -> EdgeStats:
     become one are summed (exact, every field is additive) and edges inside a group vanish."""
     if not mapping:
         return stats
-    keys = np.fromiter(mapping.keys(), np.uint64, len(mapping))
-    values = np.fromiter(mapping.values(), np.uint64, len(mapping))
-    order = np.argsort(keys)
-    keys, values = keys[order], values[order]
-
-    def rename(ids: np.ndarray) -> np.ndarray:
-        at = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
-        return np.where(keys[at] == ids, values[at], ids)
-
-    a, b = rename(stats.u), rename(stats.v)
+    a, b = (
+        fastremap.remap(ids, mapping, preserve_missing_labels=True) for ids in (stats.u, stats.v)
+    )
     keep = a != b
     u, v = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
     gu, gv, inverse = _group(u, v)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ssn_deploy.affinities import DEFAULT_OFFSETS
+from ssn_deploy.affinities import DEFAULT_OFFSETS, at_offset
 from ssn_deploy.inference.predictor import SpecGeometry
 from ssn_deploy.models.normalization import Normalization
 from ssn_deploy.models.spec import ModelSpec
@@ -47,16 +47,5 @@ class IntensityPredictor(SpecGeometry):
         x = np.clip(batch[:, 0], 0.0, 1.0)
         out = np.empty((x.shape[0], self.num_channels, *x.shape[1:]), np.float32)
         for c, offset in enumerate(self.offsets):
-            out[:, c] = np.minimum(x, _neighbour(x, offset))
+            out[:, c] = np.minimum(x, at_offset(x, offset))
         return out
-
-
-def _neighbour(x: np.ndarray, offset: tuple[int, int, int]) -> np.ndarray:
-    """``x`` at v + offset over the last three axes; v itself where that falls outside."""
-    out = x.copy()
-    dst, src = [slice(None)], [slice(None)]
-    for o, n in zip(offset, x.shape[1:], strict=True):
-        dst.append(slice(max(0, -o), n - max(0, o)))
-        src.append(slice(max(0, o), n - max(0, -o)))
-    out[tuple(dst)] = x[tuple(src)]
-    return out

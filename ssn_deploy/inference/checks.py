@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
 from ssn_deploy.errors import InvalidInputError, VoxelSizeError
 from ssn_deploy.geometry import Box, anisotropy
+from ssn_deploy.inference.loader import choose_packaged
 from ssn_deploy.volumes import Volume, require_volume
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ def sample_chunks(volume: Volume, count: int = SAMPLED_CHUNKS) -> list[Box]:
     ]
 
 
-def _nm(voxel_size: tuple[float, ...]) -> str:
+def format_nm(voxel_size: Sequence[float]) -> str:
+    """``50×10×10 nm``, for messages."""
     return "×".join(f"{v:g}" for v in voxel_size) + " nm"
 
 
@@ -48,8 +51,6 @@ def voxel_size_advice(
     membranes that jump between sections, and vice versa. The advice names a better packaged
     model where there is one, else resampling or training at this voxel size.
     """
-    from ssn_deploy.inference.loader import choose_packaged
-
     if model_voxel_size is None or np.allclose(voxel_size, model_voxel_size, rtol=0.25):
         return None
     shape = anisotropy(voxel_size) / anisotropy(model_voxel_size)
@@ -59,7 +60,7 @@ def voxel_size_advice(
     else:
         todo = (
             f"no packaged model fits better: resample the volume to about "
-            f"{_nm(model_voxel_size)}, or train a model at this voxel size"
+            f"{format_nm(model_voxel_size)}, or train a model at this voxel size"
         )
     fix = "if the volume's metadata is wrong, pass --voxel-size Z,Y,X"
     how_bad = (
@@ -69,8 +70,8 @@ def voxel_size_advice(
         else "expect worse results"
     )
     return (
-        f"{spec} is {_nm(voxel_size)} but the model was trained at {_nm(model_voxel_size)}: "
-        f"{how_bad}; {todo}; {fix}"
+        f"{spec} is {format_nm(voxel_size)} but the model was trained at "
+        f"{format_nm(model_voxel_size)}: {how_bad}; {todo}; {fix}"
     )
 
 

@@ -2,9 +2,10 @@
 
 A flip along an axis turns an affinity to the voxel *before* (offset −1) into one to the voxel
 *after*; flipping the output back and shifting that channel by its offset restores its meaning:
-``aff_o[v] = aff_{−o}[v + o]``. The shift needs ``|o|`` voxels beyond each patch face, so the
-context grows by the offsets' reach (the engine drops it with the margin). Cost: one model
-call per flip combination (4 for ``"yx"``, 8 for ``"zyx"``), measured in the README.
+``aff_o[v] = aff_{−o}[v + o]`` (:func:`~ssn_deploy.affinities.at_offset`). The shift needs
+``|o|`` voxels beyond each patch face, so the context grows by the offsets' reach (the engine
+drops it with the margin). Cost: one model call per flip combination (4 for ``"yx"``, 8 for
+``"zyx"``), measured in the README.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ssn_deploy.affinities import at_offset
 from ssn_deploy.inference.predictor import Predictor
 
 AXES = {"z": 0, "y": 1, "x": 2}
@@ -74,20 +76,6 @@ class FlipAveragedPredictor:
             if combo:
                 y = np.flip(y, spatial)
                 for c, offset in enumerate(self.offsets):
-                    y[:, c] = _shift(y[:, c], [offset[a] if a in combo else 0 for a in range(3)])
+                    y[:, c] = at_offset(y[:, c], [offset[a] if a in combo else 0 for a in range(3)])
             total += y
         return total / np.float32(len(combos))
-
-
-def _shift(a: np.ndarray, offset: list[int]) -> np.ndarray:
-    """``out[v] = a[v + offset]`` over the last three axes; edge values repeat beyond the data
-    (only within the grown context, which the engine crops)."""
-    out = a
-    for axis, o in enumerate(offset):
-        if o == 0:
-            continue
-        ax = axis + 1  # a is [N, Z, Y, X]
-        n = out.shape[ax]
-        index = np.clip(np.arange(n) + o, 0, n - 1)
-        out = np.take(out, index, axis=ax)
-    return out

@@ -150,12 +150,17 @@ def embed_volume(
     return store
 
 
-def load_embeddings(spec: str) -> tuple[np.ndarray, EmbeddingGrid, dict[str, Any]]:
-    """``float32[Gz·Gy·Gx, D]`` (flat patch ids in C order), the grid and the attributes."""
-    vol = open_volume(spec)
-    meta = vol.attrs.get("ssn_deploy", {})
+def embeddings_meta(spec: str) -> tuple[EmbeddingGrid, dict[str, Any]]:
+    """The grid and attributes of stored embeddings (no data read)."""
+    meta = dict(open_volume(spec).attrs.get("ssn_deploy", {}))
     if meta.get("stage") != "embeddings":
         raise InvalidInputError(f"{spec} is not an embeddings array from ssn-deploy select")
-    data = np.asarray(vol[...])
     grid = EmbeddingGrid(tuple(meta["volume_shape"]), tuple(meta["patch"]), tuple(meta["stride"]))  # type: ignore[arg-type]
-    return data.reshape(data.shape[0], -1).T.copy(), grid, dict(meta)
+    return grid, meta
+
+
+def load_embeddings(spec: str) -> tuple[np.ndarray, EmbeddingGrid, dict[str, Any]]:
+    """``float32[Gz·Gy·Gx, D]`` (flat patch ids in C order), the grid and the attributes."""
+    grid, meta = embeddings_meta(spec)
+    data = np.asarray(open_volume(spec)[...])
+    return data.reshape(data.shape[0], -1).T.copy(), grid, meta

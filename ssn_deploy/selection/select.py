@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,13 @@ from ssn_deploy import __version__
 from ssn_deploy.errors import ConfigError, InvalidInputError, OutputExistsError
 from ssn_deploy.geometry import Box
 from ssn_deploy.selection.cover import coverage, covered, grid_windows, knn
-from ssn_deploy.selection.embed import EmbeddingGrid, load_embeddings
+from ssn_deploy.selection.embed import (
+    EmbeddingGrid,
+    Encoder,
+    embed_volume,
+    embeddings_meta,
+    load_embeddings,
+)
 from ssn_deploy.selection.greedy import (
     Exclusion,
     SelectionError,
@@ -42,11 +48,17 @@ def default_window(anisotropic: bool) -> tuple[int, int, int]:
 
 
 def _allowed(grid: EmbeddingGrid, exclude: Sequence[Box]) -> np.ndarray:
-    """Patches whose box meets no excluded region (flat ids, C order)."""
+    """Patches whose box meets no excluded region (flat ids, C order): per axis, which patch
+    intervals overlap the region's, then their outer product."""
     ok = np.ones(grid.shape, bool)
-    for index in np.ndindex(*grid.shape):
-        box = grid.box(index)
-        ok[index] = not any(box.intersect(e).size > 0 for e in exclude) if exclude else True
+    for region in exclude:
+        hits = [
+            (np.arange(g) * s < e) & (np.arange(g) * s + p > b)
+            for g, s, p, b, e in zip(
+                grid.shape, grid.stride, grid.patch, region.begin, region.end, strict=True
+            )
+        ]
+        ok &= ~np.einsum("i,j,k->ijk", *hits).astype(bool)
     return ok.ravel()
 
 
@@ -147,10 +159,11 @@ def select(
     global_ids = np.flatnonzero(allowed)
     rois = []
     so_far: list[int] = []
+    before = 0.0
     for rank, p in enumerate(picks):
         cells = windows[p]
-        before = coverage(neighbours, so_far) if so_far else 0.0
         so_far += cells.tolist()
+        after = coverage(neighbours, so_far)
         first = np.unravel_index(global_ids[cells[0]], grid.shape)
         box = Box(
             tuple(int(i) * s for i, s in zip(first, grid.stride, strict=True)),
@@ -165,10 +178,11 @@ def select(
                     float(b * v + o) for b, v, o in zip(box.begin, voxel, raw.offset, strict=True)
                 ],
                 "shape_nm": [float(s * v) for s, v in zip(box.shape, voxel, strict=True)],
-                "gain": coverage(neighbours, so_far) - before,
-                "coverage": coverage(neighbours, so_far),
+                "gain": after - before,
+                "coverage": after,
             }
         )
+        before = after
     scores = {
         "cgs": coverage(neighbours, windows[picks].ravel()),
         "random": [coverage(neighbours, windows[r].ravel()) for r in randoms],
@@ -260,3 +274,41 @@ def _plot(path: Path, raw: Volume, vectors: np.ndarray, picked: np.ndarray,
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def select_volume(
+    volume: str,
+    encoder: str | Path,
+    out_dir: str | Path,
+    *,
+    window_voxels: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``ssn-deploy select``: embed ``volume`` with ``encoder`` into ``OUT/embeddings.zarr``
+    (reused when it holds the same volume, encoder and stride), then :func:`select`.
+    ``window_voxels`` is converted to the largest window of patches that fits in it."""
+    raw = open_volume(volume)
+    enc = Encoder(encoder)
+    emb = f"{out_dir}/embeddings.zarr"
+    reuse = False
+    if Path(emb).exists():  # selecting again (other budget, window, k) takes seconds
+        meta = embeddings_meta(emb)[1]
+        reuse = (
+            meta.get("source") == raw.spec
+            and meta.get("encoder") == enc.path
+            and (stride is None or list(stride) == meta.get("stride"))
+        )
+        if not reuse and not overwrite:
+            raise OutputExistsError(f"{emb} holds other embeddings; pass --overwrite")
+    if reuse:
+        (announce or log.info)(f"reusing {emb}")
+    else:
+        embed_volume(raw, enc, emb, stride=stride, overwrite=True, progress=progress)
+    window = None
+    if window_voxels is not None:
+        window = embeddings_meta(emb)[0].window_patches(window_voxels)
+    return select(emb, out_dir, window=window, overwrite=overwrite, **options)

@@ -14,6 +14,7 @@ import numpy as np
 from ssn_deploy.affinities import affinities_from_labels, class_balance_weights
 from ssn_deploy.errors import InvalidInputError
 from ssn_deploy.training.augment import Augmenter
+from ssn_deploy.training.config import UnlabelledSource
 from ssn_deploy.volumes import Volume, open_volume
 
 ZRange = tuple[int, int]
@@ -129,3 +130,40 @@ class BatchSource:
     def batch(self, size: int) -> Batch:
         items = [self.sample() for _ in range(size)]
         return Batch(*(np.stack(parts) for parts in zip(*items, strict=True)))
+
+
+class UnlabelledSampler:
+    """Random crops of unlabelled volumes (each within its z-range), spread by voxel count."""
+
+    def __init__(
+        self, sources: Sequence[UnlabelledSource], crop: Sequence[int], rng: np.random.Generator
+    ) -> None:
+        self.crop = tuple(crop)
+        self.rng = rng
+        self.volumes: list[tuple[Volume, tuple[int, int]]] = []
+        for source in sources:
+            vol = open_volume(source.raw)
+            if vol.ndim != 3 or np.dtype(vol.dtype) != np.uint8:
+                raise InvalidInputError(f"{source.raw}: unlabelled raw must be 3D uint8")
+            z = source.z or (0, vol.shape[0])
+            if (
+                z[1] > vol.shape[0]
+                or z[1] - z[0] < self.crop[0]
+                or any(s < c for s, c in zip(vol.shape[1:], self.crop[1:], strict=True))
+            ):
+                raise InvalidInputError(
+                    f"{source.raw} z {list(z)} {tuple(vol.shape)} cannot hold the crop {self.crop}"
+                )
+            self.volumes.append((vol, z))
+        sizes = np.array([(z[1] - z[0]) * np.prod(v.shape[1:]) for v, z in self.volumes], float)
+        self.weights = sizes / sizes.sum()
+
+    def crop_once(self) -> np.ndarray:
+        vol, (z0, z1) = self.volumes[int(self.rng.choice(len(self.volumes), p=self.weights))]
+        lo = [int(self.rng.integers(z0, z1 - self.crop[0] + 1))]
+        lo += [
+            int(self.rng.integers(0, n - c + 1))
+            for n, c in zip(vol.shape[1:], self.crop[1:], strict=True)
+        ]
+        box = tuple(slice(a, a + c) for a, c in zip(lo, self.crop, strict=True))
+        return np.asarray(vol[box]).astype(np.float32) / np.float32(255.0)

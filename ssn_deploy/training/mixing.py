@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ssn_deploy.affinities import at_offset
+
 Offset = Sequence[int]
 
 
@@ -62,17 +64,6 @@ def mix(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (mask * a + (1.0 - mask) * b).astype(np.float32)
 
 
-def _partner(mask: np.ndarray, offset: Offset) -> np.ndarray:
-    """``mask`` at v + offset (the mask itself where that falls outside)."""
-    out = mask.copy()
-    dst, src = [], []
-    for o, n in zip(offset, mask.shape, strict=True):
-        dst.append(slice(max(0, -o), n - max(0, o)))
-        src.append(slice(max(0, o), n - max(0, -o)))
-    out[tuple(dst)] = mask[tuple(src)]
-    return out
-
-
 def edge_weights(
     mask: np.ndarray, offsets: Sequence[Offset], side: float | None = None
 ) -> np.ndarray:
@@ -81,7 +72,7 @@ def edge_weights(
     side of the mask count."""
     out = np.empty((len(offsets), *mask.shape), np.float32)
     for c, offset in enumerate(offsets):
-        other = _partner(mask, offset)
+        other = at_offset(mask, offset)
         same = mask == other
         if side is not None:
             same &= mask == side

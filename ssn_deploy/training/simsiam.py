@@ -32,7 +32,8 @@ from ssn_deploy.models.normalization import Normalization
 from ssn_deploy.models.registry import build_model
 from ssn_deploy.models.unet import ModelConfig
 from ssn_deploy.training.augment import PERTURBATIONS, Augmenter, perturb
-from ssn_deploy.training.config import AugmentConfig
+from ssn_deploy.training.config import AugmentConfig, UnlabelledSource
+from ssn_deploy.training.data import UnlabelledSampler
 from ssn_deploy.training.run import prepare_run_dir
 from ssn_deploy.volumes import Volume, open_volume
 
@@ -125,34 +126,13 @@ class SimSiam(nn.Module):
 class Views:
     """Random crops of unlabelled volumes, each turned into two differently perturbed views."""
 
-    def __init__(
-        self,
-        volumes: Sequence[Volume],
-        crop: Sequence[int],
-        isotropic: bool,
-        rng: np.random.Generator,
-    ) -> None:
-        self.volumes = list(volumes)
-        self.crop = tuple(crop)
-        self.rng = rng
-        for v in self.volumes:
-            if any(s < c for s, c in zip(v.shape[-3:], self.crop, strict=True)):
-                raise InvalidInputError(
-                    f"{v.spec} {tuple(v.shape)} is smaller than the crop {self.crop}"
-                )
-        weights = np.array([float(np.prod(v.shape[-3:])) for v in self.volumes])
-        self.weights = weights / weights.sum()  # crops spread over voxels, not volumes
-        self.augmenter = Augmenter(AugmentConfig(max_shift=6), isotropic, rng)
-        self.isotropic = isotropic
+    def __init__(self, sampler: UnlabelledSampler, isotropic: bool) -> None:
+        self.sampler = sampler
+        self.rng = sampler.rng
+        self.augmenter = Augmenter(AugmentConfig(), isotropic, sampler.rng)
 
     def crop_once(self) -> np.ndarray:
-        vol = self.volumes[int(self.rng.choice(len(self.volumes), p=self.weights))]
-        start = [
-            int(self.rng.integers(0, s - c + 1))
-            for s, c in zip(vol.shape[-3:], self.crop, strict=True)
-        ]
-        box = tuple(slice(b, b + c) for b, c in zip(start, self.crop, strict=True))
-        return np.asarray(vol[box]).astype(np.float32) / np.float32(255.0)
+        return self.sampler.crop_once()
 
     def perturb(self, raw: np.ndarray) -> np.ndarray:
         """One perturbation drawn uniformly from :data:`PERTURBATIONS`."""
@@ -204,7 +184,10 @@ def pretrain(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rngs = {"views": np.random.default_rng(config.seed)}
-    views = Views(opened, config.crop, config.isotropic, rngs["views"])
+    sampler = UnlabelledSampler(
+        [UnlabelledSource(v.spec) for v in opened], config.crop, rngs["views"]
+    )
+    views = Views(sampler, config.isotropic)
     net = SimSiam(config.model)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     normalization = Normalization()
