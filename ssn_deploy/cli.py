@@ -216,10 +216,12 @@ def evaluate(
 
     from ssn_deploy.errors import OutputExistsError
     from ssn_deploy.metrics import evaluate as evaluate_volumes
-    from ssn_deploy.volumes import open_volume
+    from ssn_deploy.volumes import open_volume, refuse_overlap
 
-    if output is not None and Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
+    if output is not None:
+        refuse_overlap(output, [seg, gt], "--output")
+        if Path(output).exists() and not overwrite:
+            raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
     vs = parse_triple(voxel_size, "--voxel-size")
     if vs is not None and not all(v > 0 and v < float("inf") for v in vs):
         raise click.BadParameter(
@@ -291,6 +293,10 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
     cfg = load_config(config)
+    if overwrite:
+        from ssn_deploy.volumes import refuse_overlap
+
+        refuse_overlap(run_dir, [config], "run directory")
     segmenter = functools.partial(
         segment_affinities,
         threshold=list(cfg.validation.thresholds),
@@ -320,8 +326,9 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
 @click.option(
     "--crop",
     default=None,
-    help="Z,Y,X crop (the patch the encoder learns) [default: 18,160,160 for serial "
-    "sections (the paper's), 48,96,96 for isotropic data].",
+    help="Z,Y,X crop (the patch the encoder learns) [default: the paper's field of view, "
+    "640 nm in-plane (160 px at 4 nm, 64 px at 10 nm) by 18 sections, or a cube for "
+    "isotropic data].",
 )
 @click.option("--batch-size", type=click.IntRange(min=2), default=2, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
@@ -343,7 +350,7 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
     """
     from ssn_deploy.geometry import anisotropy
     from ssn_deploy.models.unet import ModelConfig
-    from ssn_deploy.training.simsiam import PretrainConfig
+    from ssn_deploy.training.simsiam import PretrainConfig, default_crop
     from ssn_deploy.training.simsiam import pretrain as run_pretrain
     from ssn_deploy.volumes import open_volume
 
@@ -356,7 +363,7 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
         poolings=(pool,) * 4,
         embed_kernel=(5, 5, 5) if isotropic else (1, 5, 5),
     )
-    shape = _int_triple(crop, "--crop") or ((48, 96, 96) if isotropic else (18, 160, 160))
+    shape = _int_triple(crop, "--crop") or default_crop(voxel_size, isotropic)
     config = PretrainConfig(
         crop=shape,
         iterations=iterations,
@@ -387,9 +394,10 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
 )
 @click.option(
     "--encoder",
-    required=True,
+    default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help="encoder.ckpt from ssn-deploy pretrain (same voxel size as VOLUME).",
+    help="encoder.ckpt from ssn-deploy pretrain (same voxel size as VOLUME) [default: the "
+    "packaged encoder for VOLUME's voxel size, pretrained on the bundled CC BY FIB-SEM volumes].",
 )
 @click.option(
     "--budget",
@@ -416,7 +424,23 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
 @click.option(
     "--stride",
     default=None,
-    help="Z,Y,X patch stride [default: ~0.45 of the patch in z, 1/4 in-plane].",
+    help="Z,Y,X patch stride [default: 1/4 of the patch (~0.45 in z for serial sections), "
+    "rounded to the encoder's granularity].",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["dense", "patch"]),
+    default="dense",
+    show_default=True,
+    help="dense: encode the volume once, blockwise, and average the feature map over each "
+    "patch (many times faster); patch: encode every patch on its own (the paper's way).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Dask worker threads for dense embedding (torch threads are shared).",
 )
 @click.option(
     "--exclude",
@@ -430,9 +454,9 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing selection (and embeddings).")
 @click.option("--no-progress", is_flag=True)
-def select(volume: str, out_dir: str, encoder: str, budget: int, window: str | None, k: int,
-           stride: str | None, exclude: tuple[str, ...], seed: int, crop_format: str,
-           overwrite: bool, no_progress: bool) -> None:  # fmt: skip
+def select(volume: str, out_dir: str, encoder: str | None, budget: int, window: str | None,
+           k: int, stride: str | None, method: str, workers: int, exclude: tuple[str, ...],
+           seed: int, crop_format: str, overwrite: bool, no_progress: bool) -> None:  # fmt: skip
     """Choose which sub-volumes of VOLUME to annotate (coverage-based greedy selection, CGS).
 
     Every patch of VOLUME is embedded by the pretrained encoder (stored, and reused when
@@ -456,7 +480,8 @@ def select(volume: str, out_dir: str, encoder: str, budget: int, window: str | N
         ))  # fmt: skip
     report = select_volume(
         volume, encoder, out_dir, budget=budget, window_voxels=_int_triple(window, "--window"),
-        k=k, stride=_int_triple(stride, "--stride"), exclude=boxes, seed=seed,
+        k=k, stride=_int_triple(stride, "--stride"), method=method, workers=workers,
+        exclude=boxes, seed=seed,
         crop_format=crop_format, overwrite=overwrite, progress=not no_progress,
         announce=lambda message: click.echo(message, err=True),
     )  # fmt: skip
@@ -718,12 +743,13 @@ def segment(
     are those infer recorded in the affinities' provenance, so a rerun repeats infer's
     segmentation exactly; the settings used are printed.
     """
-    from ssn_deploy.agglomeration.blockwise import segment_blockwise
+    from ssn_deploy.agglomeration.blockwise import refuse_overwriting_input, segment_blockwise
     from ssn_deploy.pipeline import segmentation_settings
     from ssn_deploy.volumes import open_volume
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
     affs = open_volume(affinities)
+    refuse_overwriting_input(affs.spec, f"{output}/fragments", f"{output}/segmentation")
     settings = segmentation_settings(
         affs,
         threshold=threshold,

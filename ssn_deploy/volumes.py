@@ -50,6 +50,7 @@ from ssn_deploy.errors import (
     InputNotFoundError,
     InvalidInputError,
     OutputExistsError,
+    SsnDeployError,
     VoxelSizeError,
 )
 from ssn_deploy.geometry import Box
@@ -881,6 +882,37 @@ def _same_or_nested(a: _Location, b: _Location) -> bool:
 def overlaps(existing: str, output: str) -> bool:
     """True if writing (or ``--overwrite`` deleting) ``output`` could touch ``existing``."""
     return _same_or_nested(_parse_spec(existing), _output_location(output))
+
+
+def resolved_spec(spec: str) -> str:
+    """``spec`` with its local container made absolute and symlink-free (URLs unchanged), so
+    that one volume spelled two ways (relative, absolute, via a link) compares equal."""
+    loc = _parse_spec(spec)
+    if _is_url(loc.container):
+        return spec
+    container = os.path.realpath(loc.container)
+    return f"{container}:{loc.inner}" if loc.inner else container
+
+
+def _file_location(spec: str | os.PathLike) -> _Location:
+    """Any path or volume spec as a location (a volume's container and node, else the path)."""
+    text = str(spec).removeprefix("file://")
+    try:
+        return _parse_spec(text)
+    except SsnDeployError:  # not a volume (a run directory, a JSON file, ...)
+        return _Location("file", text, "")
+
+
+def refuse_overlap(output: str | os.PathLike, reads: Iterable[str | os.PathLike | None],
+                   what: str = "output") -> None:  # fmt: skip
+    """Writing (or ``--overwrite`` deleting) ``output`` must never touch what the command
+    reads: a one-line error naming the input, before anything is written."""
+    out = _file_location(output)
+    for spec in reads:
+        if spec is not None and _same_or_nested(_file_location(spec), out):
+            raise InvalidInputError(
+                f"{output} would overwrite {spec}, which this command reads; choose another {what}"
+            )
 
 
 def convert(

@@ -24,6 +24,7 @@ from ssn_deploy.errors import (
     CorruptDataError,
     InvalidInputError,
     OutputExistsError,
+    SsnDeployError,
     VoxelSizeError,
 )
 from ssn_deploy.geometry import Box
@@ -236,6 +237,30 @@ def test_resume_skips_finished_blocks(
     assert resumed.dtype == np.uint8
 
 
+def test_resume_refuses_another_input_but_not_another_spelling(
+    checkpoint: Path, raw_crop: np.ndarray, tmp_path: Path, monkeypatch
+) -> None:
+    """Resuming against a different volume (same shape, other content) would finish half of
+    each: refused, naming what differs. The same volume by a relative path resumes."""
+    raw = write_raw(tmp_path / "raw.zarr", raw_crop[:28])
+    other = write_raw(tmp_path / "other.zarr", raw_crop[28:56])
+    options = dict(block_shape=(14, 32, 32), batch_size=16, max_in_flight=1)
+    out = tmp_path / "aff.zarr"
+    dying = functools.partial(FailingAfter, str(checkpoint), calls=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(raw, out, dying, **options)
+    edited = write_raw(tmp_path / "edited.zarr", raw_crop[:28])
+    open_volume(edited, "r+")[27:28, :32, :32] = 0  # the last sampled chunk changes
+    for volume, what in [(other, "input fingerprint, input location"),
+                         (edited, "input fingerprint, input location")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"other settings \\({what}\\)"):
+            run(volume, out, factory(checkpoint), resume=True, **options)
+    monkeypatch.chdir(tmp_path)
+    resumed = run("raw.zarr", Path("aff.zarr"), factory(checkpoint), resume=True, **options)
+    reference = run(raw, tmp_path / "ref.zarr", factory(checkpoint), **options)
+    np.testing.assert_array_equal(resumed.read(), reference.read())
+
+
 def test_existing_output_and_conflicting_options(
     checkpoint: Path, raw_zarr: str, tmp_path: Path
 ) -> None:
@@ -301,15 +326,58 @@ def test_float_raw_in_unit_range_equals_uint8(
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1.5])
+def test_a_bad_float_voxel_anywhere_stops_its_block(
+    checkpoint: Path, raw_crop: np.ndarray, tmp_path: Path, bad: float
+) -> None:
+    """Chunk sampling misses most of a big volume: every block checks its own raw, so a NaN (or
+    an out-of-range value) in an unsampled chunk is an error naming the voxel, not zeros."""
+    data = raw_crop[:32, :32, :64].astype(np.float32) / 255
+    data[20, 5, 40] = bad
+    raw = write_raw(tmp_path / "raw.zarr", data, chunks=(8, 8, 8))  # 128 chunks, 8 sampled
+    with pytest.raises(InvalidInputError, match=r"block \d .*raw voxel \(20, 5, 40\)"):
+        run(raw, tmp_path / "aff.zarr", factory(checkpoint), block_shape=(32, 32, 32))
+
+
+class NaNPredictor:
+    """Wraps a predictor and returns NaN: a broken model or backend."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.full_like(self.inner.predict(batch), np.nan)
+
+
+def nan_predictor(path: str) -> Predictor:
+    return NaNPredictor(load_predictor(path, "torch", threads=1))
+
+
+def test_non_finite_model_output_is_an_error(
+    checkpoint: Path, raw_zarr: str, tmp_path: Path
+) -> None:
+    with pytest.raises(SsnDeployError, match="NaN or infinite affinities"):
+        run(raw_zarr, tmp_path / "aff.zarr", functools.partial(nan_predictor, str(checkpoint)))
+
+
 def test_corrupt_input_chunk_names_chunk_and_block(
     checkpoint: Path, raw_crop: np.ndarray, tmp_path: Path
 ) -> None:
-    raw = write_raw(tmp_path / "raw.zarr", raw_crop[:32, :32, :64])
-    (tmp_path / "raw.zarr" / "0" / "c" / "0" / "0" / "1").write_bytes(b"not blosc")
+    """An unsampled chunk (c/1/1/1 is not among the 8 of 128 fingerprinted) fails in its
+    block, named; a sampled one (c/0/0/0) fails before any block."""
+    raw = write_raw(tmp_path / "raw.zarr", raw_crop[:32, :32, :64], chunks=(8, 8, 8))
+    (tmp_path / "raw.zarr" / "0" / "c" / "1" / "1" / "1").write_bytes(b"not blosc")
     with pytest.raises(
-        CorruptDataError, match=r"block \d \(voxels \[0:32, 0:32, \d+:\d+\]\): .*chunk c/0/0/1"
+        CorruptDataError, match=r"block \d \(voxels \[0:32, 0:32, 0:32\]\): .*chunk c/1/1/1"
     ):
         run(raw, tmp_path / "aff.zarr", factory(checkpoint), block_shape=(32, 32, 32))
+    (tmp_path / "raw.zarr" / "0" / "c" / "0" / "0" / "0").write_bytes(b"not blosc")
+    with pytest.raises(CorruptDataError, match=r"^\S+raw.zarr: chunk c/0/0/0"):
+        run(raw, tmp_path / "aff2.zarr", factory(checkpoint), block_shape=(32, 32, 32))
+    assert not (tmp_path / "aff2.zarr").exists(), "refused before the output is created"
 
 
 # --- backends -----------------------------------------------------------------------------------

@@ -105,14 +105,18 @@ def test_select_writes_rois_crops_and_picture(unlabelled: Path, encoder: Path) -
     [
         (["--budget", "500"], "cannot fit"),
         (["--exclude", "0:16,0:96,0:96"], "excluded"),
+        (["--window", "20,96,96"], "larger than the volume"),
+        (["--window", "8,16,16"], "smaller than one patch"),
+        (["--stride", "4,8,8"], "granularity"),
     ],
 )
 def test_select_refuses_bad_requests(unlabelled: Path, encoder: Path, extra, message) -> None:
-    out = unlabelled / f"bad{len(extra[1])}"
+    out = unlabelled / f"bad_{message.replace(' ', '_')}"
     args = ["select", unlabelled / "raw.zarr", "-o", out, "--encoder", encoder, "--no-progress"]
     result = CliRunner().invoke(main, [str(a) for a in [*args, *extra]])
     assert result.exit_code == 1 and message in result.output, result.output
-    assert not (out / "rois.json").exists()
+    assert len(result.output.strip().splitlines()) == 1, "one line, no traceback"
+    assert not out.exists(), "refused before anything is embedded or written"
 
 
 def test_an_encoder_for_another_voxel_size_is_refused(unlabelled: Path, encoder: Path) -> None:
@@ -123,3 +127,50 @@ def test_an_encoder_for_another_voxel_size_is_refused(unlabelled: Path, encoder:
         main, ["select", str(iso), "-o", str(unlabelled / "iso_sel"), "--encoder", str(encoder)]
     )
     assert result.exit_code == 1 and "pretrain one for this voxel size" in result.output
+    assert not (unlabelled / "iso_sel").exists()
+
+
+def test_dense_embedding_places_block_features_and_pools_footprints(
+    unlabelled: Path, encoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many blocks (a tiny block budget): each block's cells equal the encoder run directly on
+    that block's mirrored read; each patch's embedding is the mean of the cells it covers."""
+    from ssn_deploy.geometry import BlockGrid, Box
+    from ssn_deploy.selection import embed
+    from ssn_deploy.volumes import reflect_read
+
+    monkeypatch.setattr(embed, "BLOCK_VOXELS", 30_000)
+    enc = embed.Encoder(encoder)
+    raw = open_volume(str(unlabelled / "raw.zarr"))
+    out = str(unlabelled / "dense" / "embeddings.zarr")
+    store = embed.embed_volume(raw, enc, out, progress=False)
+    grid = embed.embedding_grid(raw.shape, enc, None, "dense")
+    assert grid.stride == (4, 16, 16), "~0.45 of the patch in z, 1/4 in-plane (granularity 16)"
+    features = np.asarray(open_volume(embed.features_path(out))[...])
+    g = enc.granularity
+    extent = grid.window_voxels(grid.shape)
+    core, halo = embed.dense_layout(enc, extent)
+    blocks = list(BlockGrid(Box.from_shape(extent), core, 0))
+    assert len(blocks) > 4, "the tiny budget forces several blocks"
+    for block in blocks[:: max(1, len(blocks) // 3)]:
+        box = block.write_box
+        direct = enc.features(enc.normalization(reflect_read(raw, box.grow(halo))))
+        inner = embed.cells(halo, np.add(halo, box.shape), g)
+        stored = features[(slice(None), *embed.cells(box.begin, box.end, g))]
+        np.testing.assert_allclose(stored, direct[(slice(None), *inner)], rtol=1e-5, atol=1e-5)
+    emb = np.asarray(store[...])
+    assert emb.shape == (enc.dim, *grid.shape)
+    for index in [(0, 0, 0), (grid.shape[0] - 1, 1, grid.shape[2] - 1)]:
+        patch = grid.box(index)
+        foot = features[(slice(None), *embed.cells(patch.begin, patch.end, g))]
+        np.testing.assert_allclose(emb[(slice(None), *index)], foot.mean(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_dense_embedding_refuses_strides_off_the_granularity(encoder: Path) -> None:
+    from ssn_deploy.errors import InvalidInputError
+    from ssn_deploy.selection import embed
+
+    enc = embed.Encoder(encoder)
+    with pytest.raises(InvalidInputError, match="granularity"):
+        embed.embedding_grid((16, 96, 96), enc, (2, 8, 8), "dense")
+    assert embed.embedding_grid((16, 96, 96), enc, (2, 8, 8), "patch").stride == (2, 8, 8)

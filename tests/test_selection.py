@@ -1,4 +1,4 @@
-"""Selection numerics: exact blocked kNN, windows, CGS and its baselines, coverage."""
+"""Selection numerics: kNN (exact and IVF), windows, CGS and its baselines, coverage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ssn_deploy.selection.cover import coverage, covered, grid_windows, knn
+from ssn_deploy.selection.cover import coverage, covered, grid_windows, knn, knn_recall
 from ssn_deploy.selection.greedy import (
     SelectionError,
     cgs,
@@ -22,12 +22,32 @@ def brute_knn(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(d, axis=1, kind="stable")[:, :k]
 
 
-@pytest.mark.parametrize(("query_block", "reference_block"), [(7, 11), (64, 64), (1000, 1000)])
-def test_blocked_knn_equals_brute_force(query_block: int, reference_block: int) -> None:
+def test_exact_knn_equals_brute_force() -> None:
     x = np.random.default_rng(0).normal(size=(150, 8)).astype(np.float32)
-    got = knn(x, 5, query_block=query_block, reference_block=reference_block)
+    got = knn(x, 5)
     np.testing.assert_array_equal(got, brute_knn(x, 5))
     assert (got[:, 0] == np.arange(150)).all(), "every patch covers itself first"
+
+
+def test_every_patch_covers_itself_even_among_duplicates() -> None:
+    x = np.zeros((6, 4), np.float32)  # all tied at distance 0
+    got = knn(x, 3)
+    assert (got[:, 0] == np.arange(6)).all() and all(len(set(r)) == 3 for r in got)
+
+
+def test_approximate_knn_above_the_limit_has_measured_recall() -> None:
+    """Clustered points (like patch embeddings, which have structure): IVF finds nearly every
+    exact neighbour, and knn_recall says how many."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(40, 16)) * 4
+    x = (centres[rng.integers(40, size=6000)] + rng.normal(size=(6000, 16))).astype(np.float32)
+    approx = knn(x, 10, exact_limit=1000)
+    exact = knn(x, 10)
+    assert (approx[:, 0] == np.arange(6000)).all()
+    recall = knn_recall(x, approx, sample=300)
+    truth = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(approx, exact, strict=True)])
+    assert recall > 0.9 and abs(recall - truth) < 0.05
+    assert knn_recall(x, exact, sample=300) == 1.0
 
 
 def test_knn_refuses_bad_k() -> None:

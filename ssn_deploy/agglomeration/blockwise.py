@@ -50,7 +50,7 @@ from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
-from ssn_deploy.volumes import Volume, create_volume, open_volume
+from ssn_deploy.volumes import Volume, create_volume, open_volume, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,13 @@ def _run_stage(
     run_blocks(client, task, pending, limit, len(grid), int(finished.sum()), progress, desc)
 
 
+def refuse_overwriting_input(affinities: str, fragments_spec: str, segmentation_spec: str) -> None:
+    """No output array may be, contain or lie inside the affinities (``OUT.zarr/affinities``
+    beside ``OUT.zarr/segmentation`` is fine: re-segmenting an infer output in place)."""
+    for spec in (fragments_spec, faces_spec(fragments_spec), segmentation_spec):
+        refuse_overlap(spec, [affinities])
+
+
 def segment_blockwise(
     affinities: str | Volume,
     fragments_spec: str,
@@ -257,6 +264,7 @@ def segment_blockwise(
     threshold = check_threshold(threshold)
     check_block_and_tile(block_shape, fragment_tile)
     affs = open_volume(affinities) if isinstance(affinities, str) else affinities
+    refuse_overwriting_input(affs.spec, fragments_spec, segmentation_spec)
     offsets = _offsets_of(affs, offsets)
     try:
         grid = BlockGrid(Box.from_shape(affs.shape[1:]), block_shape, context=0)

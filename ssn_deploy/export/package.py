@@ -17,6 +17,7 @@ from ssn_deploy.errors import ConfigError, OutputExistsError
 from ssn_deploy.export.onnx_export import DEFAULT_OPSET, export_fp16, export_onnx
 from ssn_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from ssn_deploy.models.spec import ModelSpec, Triple
+from ssn_deploy.volumes import refuse_overlap
 
 CHECKPOINT = "model.ckpt"
 ONNX = "model.onnx"
@@ -52,6 +53,8 @@ def export_model(
     fail for a missing dependency or a bad option fails before a file is written.
     """
     out_dir = Path(out_dir)
+    for replaced in _replaced_files(out_dir, fp16):
+        refuse_overlap(replaced, [checkpoint], "output directory")
     existing = [str(p) for p in _replaced_files(out_dir, fp16) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite")

@@ -10,11 +10,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ssn_deploy.errors import InvalidInputError, SsnDeployError
 from ssn_deploy.geometry import Box
 from ssn_deploy.inference.blend import PatchGrid
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.models.normalization import Normalization
 from ssn_deploy.volumes import Volume, reflect_read
+
+
+class NonFiniteOutputError(SsnDeployError):
+    """The model returned NaN or infinite affinities (a broken model or backend)."""
+
+
+def check_float_raw(raw: np.ndarray, origin: Sequence[int]) -> None:
+    """Every voxel of float raw finite and in [0, 1] (check_raw only samples chunks); names the
+    first bad voxel in volume coordinates. uint8 raw needs no check."""
+    if raw.dtype == np.uint8:
+        return
+    bad = ~np.isfinite(raw) | (raw < 0) | (raw > 1)
+    if bad.any():
+        first = tuple(int(i) + int(o) for i, o in zip(np.argwhere(bad)[0], origin, strict=True))
+        value = float(raw[tuple(np.argwhere(bad)[0])])
+        raise InvalidInputError(
+            f"raw voxel {first} is {value:g}: float raw must be finite and in [0, 1]"
+        )
 
 
 def normalize(raw: np.ndarray, normalization: Normalization) -> np.ndarray:
@@ -40,7 +59,10 @@ def predict_block(
     """
     cores = grid.cores_for(write_box)
     region = _bounding_box([grid.input_box(c) for c in cores])
-    x = normalize(reflect_read(raw, region), predictor.normalization)
+    data = reflect_read(raw, region)
+    inside = region.intersect(Box.from_shape(raw.shape))  # the rest mirrors these voxels
+    check_float_raw(data[inside.relative_to(region).slices], inside.begin)
+    x = normalize(data, predictor.normalization)
     window = grid.window()
     acc = np.zeros((predictor.num_channels, *write_box.shape), dtype=np.float32)
     weight = np.zeros(write_box.shape, dtype=np.float32)
@@ -48,6 +70,11 @@ def predict_block(
         batch_cores = cores[start : start + batch_size]
         patches = [x[grid.input_box(c).relative_to(region).slices] for c in batch_cores]
         out = predictor.predict(np.stack(patches)[:, None])
+        if not np.isfinite(out).all():
+            raise NonFiniteOutputError(
+                f"the model returned NaN or infinite affinities for the patch at "
+                f"{batch_cores[0].begin} (check the model file and backend precision)"
+            )
         for core, y in zip(batch_cores, out, strict=True):
             valid = core.intersect(write_box)
             w = window[valid.relative_to(core).slices]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ssn_deploy.errors import InvalidInputError, VoxelSizeError
 from ssn_deploy.geometry import Box, anisotropy
 from ssn_deploy.inference.loader import choose_packaged
-from ssn_deploy.volumes import Volume, require_volume
+from ssn_deploy.volumes import Volume, require_volume, resolved_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,21 @@ def sample_chunks(volume: Volume, count: int = SAMPLED_CHUNKS) -> list[Box]:
         Box(tuple(int(i) * c for i, c in zip(index, chunks, strict=True)), chunks).intersect(total)
         for index in zip(*np.unravel_index(picks, grid), strict=True)
     ]
+
+
+def input_identity(volume: Volume) -> dict[str, Any]:
+    """What a resumed run must read again: the resolved location, shape, voxel size and a
+    fingerprint (SHA-1) of the sampled chunks' bytes, so that a different volume (or one
+    edited in place) is refused instead of finishing half of each."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for box in sample_chunks(volume):
+        digest.update(np.ascontiguousarray(volume[box]).tobytes())
+    return {
+        "location": resolved_spec(volume.spec),
+        "shape": [int(n) for n in volume.shape],
+        "voxel_size": [float(v) for v in volume.voxel_size] if volume.voxel_size else None,
+        "fingerprint": digest.hexdigest(),
+    }
 
 
 def format_nm(voxel_size: Sequence[float]) -> str:

@@ -23,7 +23,13 @@ def refuse_changed_settings(
     spec: str, stored: Mapping[str, Any], wanted: Mapping[str, Any], ignore: tuple[str, ...] = ()
 ) -> None:
     """A run resumes only with the settings it was started with; otherwise outputs would mix."""
-    changed = sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k])
+    changed = []
+    for key in sorted(k for k in wanted if k not in ignore and stored.get(k) != wanted[k]):
+        old, new = stored.get(key), wanted[key]
+        if isinstance(old, Mapping) and isinstance(new, Mapping):  # say which part differs
+            changed += [f"{key} {k}" for k in sorted(new) if old.get(k) != new[k]]
+        else:
+            changed.append(key)
     if changed:
         raise ConfigError(
             f"cannot resume {spec}: it was written with other settings "

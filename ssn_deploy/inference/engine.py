@@ -12,8 +12,10 @@ must import ssn_deploy and reach the volumes by the same paths or URLs).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +31,7 @@ from ssn_deploy.errors import (
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.blend import PatchGrid
 from ssn_deploy.inference.block import predict_block
-from ssn_deploy.inference.checks import check_raw, describe
+from ssn_deploy.inference.checks import check_raw, describe, input_identity
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
@@ -91,21 +93,37 @@ def _predict_and_write(
     return block.write_box.size
 
 
+def file_sha256(path: str) -> str | None:
+    """SHA-256 of a model file (None for a model that is not a file, e.g. the baseline), so
+    that a resumed run refuses a retrained checkpoint saved under the same name."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtype: str) -> dict:
-    """What must not change between a run and its resumption (the device may)."""
+def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtype: str,
+              source: Volume) -> dict:  # fmt: skip
+    """What must not change between a run and its resumption (the device may): the input
+    (:func:`input_identity`), the geometry, the stored dtype and the model."""
     used = predictor.provenance
     return _jsonable(
         {
+            "input": input_identity(source),
             "block_shape": blocks.block_shape,
             "patch_shape": grid.patch_shape,
             "margin": grid.margin,
             "stride": grid.stride,
             "out_dtype": out_dtype,
             "model": used["model"],
+            "model_sha256": file_sha256(used["model"]),
             "backend": used["backend"],
             "precision": used["precision"],
             "tta": used.get("tta", "none"),
@@ -230,7 +248,7 @@ def predict_affinities(
         grid.stride,
         grid.cost(blocks.block_shape),
     )
-    settings = _settings(predictor, grid, blocks, out_dtype)
+    settings = _settings(predictor, grid, blocks, out_dtype, source)
     out, markers = _prepare_output(
         out_spec, source, predictor, blocks, settings, resume=resume, overwrite=overwrite
     )

@@ -179,13 +179,17 @@ class Encoder(nn.Module):
         self.pools = unet.pools
         self.out_features = unet.config.filters[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest feature map ``[N, filters[-1], Z/gz, Y/gy, X/gx]`` (before pooling)."""
         x = self.embed_in(x)
         for i, block in enumerate(self.down):
             x = block(x)
             if i < len(self.pools):
                 x = self.pools[i](x)
-        return x.mean(dim=(2, 3, 4))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3, 4))
 
 
 class UNet3d(nn.Module):

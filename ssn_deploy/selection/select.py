@@ -20,13 +20,15 @@ import numpy as np
 from ssn_deploy import __version__
 from ssn_deploy.errors import ConfigError, InvalidInputError, OutputExistsError
 from ssn_deploy.geometry import Box
-from ssn_deploy.selection.cover import coverage, covered, grid_windows, knn
+from ssn_deploy.selection.cover import EXACT_LIMIT, coverage, covered, grid_windows, knn, knn_recall
 from ssn_deploy.selection.embed import (
     EmbeddingGrid,
     Encoder,
     embed_volume,
+    embedding_grid,
     embeddings_meta,
     load_embeddings,
+    packaged_encoder,
 )
 from ssn_deploy.selection.greedy import (
     Exclusion,
@@ -35,7 +37,7 @@ from ssn_deploy.selection.greedy import (
     kmeanspp_windows,
     random_windows,
 )
-from ssn_deploy.volumes import Volume, create_volume, open_volume
+from ssn_deploy.volumes import Volume, create_volume, open_volume, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,27 @@ def fit_window(grid: EmbeddingGrid, window: Sequence[int], budget: int) -> tuple
     return w
 
 
+def _anisotropic(voxel: Sequence[float]) -> bool:
+    return voxel[0] >= 2 * min(voxel[1:])
+
+
+def check_request(
+    grid: EmbeddingGrid,
+    voxel: Sequence[float],
+    window: Sequence[int] | None,
+    budget: int,
+    exclude: Sequence[Box],
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The window asked for (patches) and the allowed patches, or a one-line error when the
+    request cannot be met (checked before anything is embedded or written)."""
+    wanted = tuple(window) if window is not None else default_window(_anisotropic(voxel))
+    allowed = _allowed(grid, exclude)
+    if not allowed.any():
+        raise InvalidInputError("every patch lies in an excluded region: nothing to select")
+    fit_window(grid, wanted, budget)
+    return wanted, allowed  # type: ignore[return-value]
+
+
 def select(
     embeddings: str,
     out_dir: str | Path,
@@ -118,15 +141,13 @@ def select(
     data, grid, meta = load_embeddings(embeddings)
     raw = open_volume(meta["source"])
     voxel = tuple(meta.get("voxel_size") or (1.0, 1.0, 1.0))
-    anisotropic = voxel[0] >= 2 * min(voxel[1:])
-    wanted = tuple(window) if window is not None else default_window(anisotropic)
-    allowed = _allowed(grid, exclude)
-    if not allowed.any():
-        raise InvalidInputError("every patch lies in an excluded region: nothing to select")
+    wanted, allowed = check_request(grid, voxel, window, budget, exclude)
     local = np.full(len(allowed), -1, np.int64)
     local[allowed] = np.arange(int(allowed.sum()))
     vectors = data[allowed]
     neighbours = knn(vectors, min(k, len(vectors)))
+    exact = len(vectors) <= EXACT_LIMIT
+    search = {"exact": exact, "recall": 1.0 if exact else knn_recall(vectors, neighbours)}
     positions = np.array(np.unravel_index(np.flatnonzero(allowed), grid.shape)).T
     fitted: tuple[int, int, int] | None = fit_window(grid, wanted, budget)
     while True:  # greedy placement packs worse than a tiling: shrink until the budget fits
@@ -198,6 +219,7 @@ def select(
         "voxel_size": list(voxel),
         "budget": budget,
         "k": int(neighbours.shape[1]),
+        "knn": search,
         "patch": list(grid.patch),
         "stride": list(grid.stride),
         "window_patches": list(fitted),
@@ -278,21 +300,54 @@ def _plot(path: Path, raw: Volume, vectors: np.ndarray, picked: np.ndarray,
 
 def select_volume(
     volume: str,
-    encoder: str | Path,
+    encoder: str | Path | None,
     out_dir: str | Path,
     *,
     window_voxels: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
+    method: str = "dense",
+    scheduler: Any = None,
+    workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """``ssn-deploy select``: embed ``volume`` with ``encoder`` into ``OUT/embeddings.zarr``
-    (reused when it holds the same volume, encoder and stride), then :func:`select`.
-    ``window_voxels`` is converted to the largest window of patches that fits in it."""
+    """``ssn-deploy select``: embed ``volume`` with ``encoder`` (the packaged one for the
+    volume's voxel size when None) into ``OUT/embeddings.zarr`` (reused when it holds the same
+    volume, encoder, method and stride), then :func:`select`. ``window_voxels`` becomes the
+    largest window of patches that fits in it. Every request is checked before any work."""
+    say = announce or log.info
     raw = open_volume(volume)
+    if raw.ndim != 3 or np.dtype(raw.dtype) != np.uint8:
+        raise InvalidInputError(f"{raw.spec}: expected 3D uint8 raw, got {raw.ndim}D {raw.dtype}")
+    refuse_overlap(out_dir, [raw.spec, encoder], "output folder")
+    if encoder is None:
+        encoder = packaged_encoder(raw.voxel_size)
+        say(f"encoder: packaged {Path(encoder).stem} ({Path(encoder).name})")
     enc = Encoder(encoder)
+    enc.check_voxel_size(raw)
+    grid = embedding_grid(raw.shape, enc, stride, method)
+    if any(p > n for p, n in zip(enc.patch, raw.shape, strict=True)):
+        raise InvalidInputError(
+            f"{raw.spec} {tuple(raw.shape)} is smaller than the encoder's patch {enc.patch}"
+        )
+    window = None
+    if window_voxels is not None:
+        if any(w > n for w, n in zip(window_voxels, raw.shape, strict=True)):
+            raise ConfigError(
+                f"--window {tuple(window_voxels)} is larger than the volume {tuple(raw.shape)}"
+            )
+        if any(w < p for w, p in zip(window_voxels, enc.patch, strict=True)):
+            raise ConfigError(
+                f"--window {tuple(window_voxels)} is smaller than one patch {enc.patch}"
+            )
+        window = grid.window_patches(window_voxels)
+    voxel = tuple(raw.voxel_size or (1.0, 1.0, 1.0))
+    check_request(grid, voxel, window, options.get("budget", 4), options.get("exclude", ()))
+    out_dir = Path(out_dir)
+    if (out_dir / "rois.json").exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir / 'rois.json'} exists; pass --overwrite to replace it")
     emb = f"{out_dir}/embeddings.zarr"
     reuse = False
     if Path(emb).exists():  # selecting again (other budget, window, k) takes seconds
@@ -300,15 +355,14 @@ def select_volume(
         reuse = (
             meta.get("source") == raw.spec
             and meta.get("encoder") == enc.path
-            and (stride is None or list(stride) == meta.get("stride"))
+            and meta.get("method", "patch") == method
+            and list(grid.stride) == meta.get("stride")
         )
         if not reuse and not overwrite:
             raise OutputExistsError(f"{emb} holds other embeddings; pass --overwrite")
     if reuse:
-        (announce or log.info)(f"reusing {emb}")
+        say(f"reusing {emb}")
     else:
-        embed_volume(raw, enc, emb, stride=stride, overwrite=True, progress=progress)
-    window = None
-    if window_voxels is not None:
-        window = embeddings_meta(emb)[0].window_patches(window_voxels)
+        embed_volume(raw, enc, emb, stride=grid.stride, method=method, scheduler=scheduler,
+                     workers=workers, overwrite=True, progress=progress)  # fmt: skip
     return select(emb, out_dir, window=window, overwrite=overwrite, **options)

@@ -247,6 +247,11 @@ class Config:
                 f"data.mask_channels: {bad} outside 0..{self.model.out_channels - 1} (offsets)"
             )
 
+    def inputs(self) -> list[str]:
+        """Every file the run reads (volumes, the checkpoint it starts from)."""
+        paths = [self.data.raw, self.data.labels, self.training.init_from]
+        return [p for p in paths if p] + [u.raw for u in self.semi.unlabeled]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,19 @@ import yaml
 from ssn_deploy import __version__
 from ssn_deploy.errors import OutputExistsError
 from ssn_deploy.training.config import Config
+from ssn_deploy.volumes import refuse_overlap
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """An existing, non-empty run dir is an error unless resuming or overwriting it."""
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool,
+                    reads: Iterable[str | None] = ()) -> None:  # fmt: skip
+    """An existing, non-empty run dir is an error unless resuming or overwriting it; it is
+    never deleted while it holds (or is inside) something the run ``reads``."""
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise OutputExistsError(
                 f"run directory {run_dir} exists; pass --resume to continue it or --overwrite"
             )
+        refuse_overlap(run_dir, reads, "run directory")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -81,6 +81,19 @@ class PretrainConfig:
         return d | {"crop": list(self.crop), "model": self.model.to_dict()}
 
 
+FIELD_OF_VIEW_NM = 640.0
+"""The paper's patch: 18 sections × 160 px at CREMI's 4 nm = 640 nm in-plane."""
+SECTIONS = 18
+
+
+def default_crop(voxel_size: Sequence[float] | None, isotropic: bool) -> tuple[int, int, int]:
+    """The paper's field of view at this voxel size: 640 nm in-plane (160 px at 4 nm, 64 at
+    10 nm), rounded to 16 px; 18 sections for serial sections, a cube for isotropic data."""
+    pixel = float(np.mean(voxel_size[1:])) if voxel_size is not None else 4.0
+    side = max(16, round(FIELD_OF_VIEW_NM / pixel / 16) * 16)
+    return (side, side, side) if isotropic else (SECTIONS, side, side)
+
+
 def poly_lr(config: PretrainConfig, iteration: int) -> float:
     """``lr_end + (lr − lr_end)·(1 − t)^power`` with t the fraction of iterations done."""
     t = min(iteration / config.iterations, 1.0)
@@ -179,7 +192,7 @@ def pretrain(
             raise InvalidInputError(f"{v.spec}: expected 3D uint8 raw, got {v.ndim}D {v.dtype}")
     voxel_size = _voxel_size(opened)
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, reads=volumes)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

@@ -400,7 +400,7 @@ def train(
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"training: {exc}") from None
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, reads=config.inputs())
     from ssn_deploy.training.semi import TRAINERS  # semi builds on this module
 
     trainer = TRAINERS[config.semi.method](config, run_dir, segmenter=segmenter)
