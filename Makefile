@@ -6,10 +6,10 @@ DEMO ?= demo
 
 .PHONY: install demo test lint bench clean
 
-$(BIN)/ssn-deploy: pyproject.toml constraints.txt
+$(BIN)/ssn-deploy: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,dev,serve]"
 	touch $@
 
 install: $(BIN)/ssn-deploy

@@ -903,5 +903,10 @@ def sample(directory: str, overwrite: bool) -> None:
     click.echo(f"source: {ATTRIBUTION}")
 
 
+from ssn_deploy.cli_serve import serve  # noqa: E402
+
+main.add_command(serve)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -31,3 +31,7 @@ class CorruptDataError(SsnDeployError):
 
 class ConfigError(SsnDeployError):
     """A configuration file or option is invalid."""
+
+
+class ServingError(SsnDeployError):
+    """The Triton server's environment, the server or a request to it failed."""
