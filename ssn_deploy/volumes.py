@@ -691,6 +691,12 @@ def open_volume(spec: str, mode: str = "r", voxel_size: Iterable[float] | None =
         raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
     loc = _parse_spec(spec)
     vol = _OPENERS[loc.kind](spec, loc, mode)
+    meta = vol.attrs.get("ssn_deploy") if hasattr(vol.attrs, "get") else None
+    if mode == "r" and isinstance(meta, Mapping) and meta.get("complete") is False:
+        raise CorruptDataError(
+            f"{spec} is incomplete: the ssn-deploy {meta.get('command', 'run')} that wrote it "
+            "was interrupted; run it again with --overwrite"
+        )
     if voxel_size is not None:
         override: Triple = _nm(voxel_size)  # type: ignore[assignment]
         if vol.voxel_size is not None and vol.voxel_size != override:
@@ -946,7 +952,11 @@ def convert(
             o + b * v
             for o, b, v in zip(source.offset, region.begin[-3:], source.voxel_size, strict=True)
         )
-        provenance = {"ssn_deploy": {"source": src, "version": __version__, "command": "convert"}}
+        provenance: dict[str, Any] = {  # "complete" turns True only after the last block
+            "ssn_deploy": {
+                "source": src, "version": __version__, "command": "convert", "complete": False,
+            }
+        }  # fmt: skip
         if roi is not None:
             provenance["ssn_deploy"]["roi"] = {
                 "offset": list(region.offset),
@@ -976,6 +986,7 @@ def convert(
                     slice(b.start + o, b.stop + o) for b, o in zip(box, region.offset, strict=True)
                 )
             ]
+        dest.attrs["ssn_deploy"] = provenance["ssn_deploy"] | {"complete": True}
     return dest
 
 

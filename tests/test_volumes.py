@@ -141,6 +141,32 @@ def test_convert_blockwise_copies_exactly(tiny_train: Path, tmp_path, monkeypatc
     np.testing.assert_array_equal(out.read(), h5_read(tiny_train, LABELS))
 
 
+def test_an_interrupted_convert_is_refused_as_input(tiny_train: Path, tmp_path, monkeypatch):
+    """A convert killed after its first blocks leaves a volume that is mostly zeros: reading
+    it is refused (one line) until convert is rerun with --overwrite."""
+    monkeypatch.setattr(volumes, "COPY_BLOCK_BYTES", 16 * 32 * 32 * 8)
+    out = str(tmp_path / "l.zarr")
+    calls = {"n": 0}
+    original = volumes._tile
+
+    def dying_tile(*args):
+        for box in original(*args):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise KeyboardInterrupt  # like Ctrl-C or a kill between blocks
+            yield box
+
+    monkeypatch.setattr(volumes, "_tile", dying_tile)
+    with pytest.raises(KeyboardInterrupt):
+        convert(f"{tiny_train}:{LABELS}", out, chunks=(16, 32, 32))
+    with pytest.raises(CorruptDataError, match=r"incomplete: the ssn-deploy convert .*--overwrite"):
+        open_volume(out)
+    monkeypatch.setattr(volumes, "_tile", original)
+    done = convert(f"{tiny_train}:{LABELS}", out, chunks=(16, 32, 32), overwrite=True)
+    np.testing.assert_array_equal(done.read(), h5_read(tiny_train, LABELS))
+    assert open_volume(out).attrs["ssn_deploy"]["complete"] is True
+
+
 def test_copy_blocks_tile_chunk_aligned_within_budget() -> None:
     shape, chunks, budget = (50, 100, 200), (16, 32, 32), 16 * 32 * 96
     seen = np.zeros(shape, int)

@@ -230,6 +230,10 @@ def predict_affinities(
         overlap,
         predictor.granularity,
     )
+    if len(block_shape) != 3 or min(block_shape) < 1:
+        raise ConfigError(f"block shape: expected three positive sizes, got {tuple(block_shape)}")
+    # a block larger than the volume is the volume (and its chunk): nothing scales with it
+    block_shape = tuple(min(int(b), n) for b, n in zip(block_shape, source.shape, strict=True))
     try:
         blocks = BlockGrid(Box.from_shape(source.shape), block_shape, context=0)
     except ValueError as exc:

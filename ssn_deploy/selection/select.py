@@ -266,6 +266,19 @@ def _write_crop(raw: Volume, roi: dict, out_dir: Path, fmt: str, overwrite: bool
     roi["crop"] = f"{name}.hdf:volumes/raw"
 
 
+def embed_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2D coordinates of the embeddings for the picture: UMAP when ``umap-learn`` is
+    installed (neighbourhoods, which is what coverage is about), else PCA."""
+    try:
+        import umap
+    except ImportError:
+        centred = vectors - vectors.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T, "PCA"
+    reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(vectors) - 1))
+    return reducer.fit_transform(vectors), "UMAP"
+
+
 def _plot(path: Path, raw: Volume, vectors: np.ndarray, picked: np.ndarray,
           covered_ids: np.ndarray, rois: list[dict]) -> None:  # fmt: skip
     import matplotlib
@@ -274,16 +287,14 @@ def _plot(path: Path, raw: Volume, vectors: np.ndarray, picked: np.ndarray,
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    centred = vectors - vectors.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
+    xy, method = embed_2d(vectors)
     panels = 1 + min(len(rois), 4)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4.5))
     ax = axes[0]
     ax.scatter(*xy.T, s=4, c="0.8", label="other")
     ax.scatter(*xy[covered_ids].T, s=4, c="tab:blue", label="covered")
     ax.scatter(*xy[picked.ravel()].T, s=10, c="tab:red", label="selected")
-    ax.set_title("patch embeddings (PCA)")
+    ax.set_title(f"patch embeddings ({method})")
     ax.legend(loc="best", fontsize=8)
     for ax, roi in zip(axes[1:], rois, strict=False):
         z0, y0, x0 = roi["offset_voxels"]
