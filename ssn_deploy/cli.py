@@ -883,6 +883,32 @@ def export(
         )
 
 
+# --- verify
+
+
+@main.command()
+@click.argument("output")
+@click.option("--dry-run", is_flag=True, help="Only report; leave the markers as they are.")
+def verify(output: str, dry_run: bool) -> None:
+    """Check every finished block of OUTPUT (an infer or segment output, OUT.zarr) against the
+    checksum it was marked with, and unmark damaged blocks so that `--resume` recomputes only
+    those. Exit status 1 when damage was found.
+    """
+    from ssn_deploy.verify import verify_output
+
+    report = verify_output(output, repair=not dry_run)
+    damaged = 0
+    for stage, r in report.items():
+        note = "" if r["checked"] else " (written before checksums: not checked)"
+        click.echo(f"{stage}: {r['finished']}/{r['blocks']} blocks finished, "
+                   f"{len(r['damaged'])} damaged {r['damaged'][:20]}{note}")  # fmt: skip
+        damaged += len(r["damaged"])
+    if damaged:
+        action = "reported" if dry_run else "unmarked: rerun the same command with --resume"
+        click.echo(f"error: {damaged} damaged block(s) {action}", err=True)
+        sys.exit(1)
+
+
 # --- sample
 
 

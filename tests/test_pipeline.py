@@ -228,3 +228,38 @@ def test_auto_backend_is_the_fastest_that_runs_the_model() -> None:
     assert auto_backend("iso", precision="bf16") == auto_backend("iso", compile=True) == "torch"
     assert auto_backend("run/best.ckpt") == "torch" and auto_backend("m.onnx") == "onnxruntime"
     assert auto_backend("e.plan") == "tensorrt" and auto_backend("intensity") == "torch"
+
+
+def test_verify_finds_damaged_chunks_and_resume_recomputes_only_those(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """After a finished run: one affinity chunk made undecodable, one segmentation block
+    silently changed. ``verify`` names both (exit 1) and unmarks them; ``infer --resume``
+    recomputes them and the output equals the undamaged one; ``verify`` is then clean."""
+    out = str(tmp_path / "out.zarr")
+    args = ["--model", "intensity", "--no-preview"]
+    result = CliRunner().invoke(main, ["infer", str(workspace / "raw.zarr"), "-o", out,
+                                       *args, *OPTIONS])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    original = {s: open_volume(f"{out}/{s}")[...] for s in ("affinities", "segmentation")}
+    clean = CliRunner().invoke(main, ["verify", out])
+    assert clean.exit_code == 0 and "0 damaged" in clean.output, clean.output
+
+    chunk = next(p for p in Path(out, "affinities").rglob("c/*/*/*/*") if p.is_file())
+    chunk.write_bytes(b"not a zstd frame")
+    seg = zarr.open_array(f"{out}/segmentation/0", mode="r+")
+    seg[0:32, 0:64, 64:128] = 7  # valid data, wrong values: only a checksum sees it
+
+    dry = CliRunner().invoke(main, ["verify", out, "--dry-run"])
+    assert dry.exit_code == 1 and "2 damaged block(s) reported" in dry.output, dry.output
+    damaged = CliRunner().invoke(main, ["verify", out])
+    assert damaged.exit_code == 1, damaged.output
+    assert "affinities: 2/2 blocks finished, 1 damaged [0]" in damaged.output
+    assert "segmentation: 2/2 blocks finished, 1 damaged [1]" in damaged.output
+    resumed = CliRunner().invoke(main, ["infer", str(workspace / "raw.zarr"), "-o", out,
+                                        *args, *OPTIONS, "--resume"])  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    for stage, data in original.items():
+        np.testing.assert_array_equal(open_volume(f"{out}/{stage}")[...], data)
+    again = CliRunner().invoke(main, ["verify", out])
+    assert again.exit_code == 0 and "damaged []" in again.output, again.output

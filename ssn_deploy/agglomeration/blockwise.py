@@ -156,7 +156,7 @@ def _fragment_block(
         flags[here] = continuity_flags(frags, core_slices)
     faces[block.write_box] = flags
     out[block.write_box] = result
-    markers.mark(block)
+    markers.mark(block, result, flags)
     return block.write_box.size
 
 
@@ -183,8 +183,9 @@ def _edge_block(
 def _relabel_block(
     frags: Volume, out: Volume, markers: BlockMarkers, lookup: dict[int, int], block: Block
 ) -> int:
-    out[block.write_box] = relabel(frags[block.write_box], lookup)
-    markers.mark(block)
+    labels = relabel(frags[block.write_box], lookup)
+    out[block.write_box] = labels
+    markers.mark(block, labels)
     return block.write_box.size
 
 
@@ -297,6 +298,8 @@ def segment_blockwise(
         overwrite=overwrite,
         dtype=np.uint8,
     )
+    if resume:
+        frag_markers.verify(grid, [frags, faces])
     with dask_client(scheduler, workers) as client:
         task = functools.partial(
             _fragment_block, affs, frags, faces, frag_markers, offsets, anisotropic, tiles
@@ -332,6 +335,8 @@ def segment_blockwise(
         seg, seg_markers = _blockwise_output(
             segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
         )
+        if resume:
+            seg_markers.verify(grid, [seg])
         task = functools.partial(_relabel_block, frags, seg, seg_markers, lookup)
         _run_stage(client, task, grid, seg_markers, progress, "segmentation")
     return seg, history

@@ -1,20 +1,28 @@
 """Which blocks are finished, so a rerun resumes where a killed run stopped.
 
-The markers are a uint8 zarr array ``OUTPUT/done`` inside the output, one voxel and one chunk
+The markers are a uint64 zarr array ``OUTPUT/done`` inside the output, one voxel and one chunk
 per block (voxel size = block size), so every store zarr writes (local, S3, memory) holds them,
 no two blocks write the same chunk, and a viewer shows progress as a coarse map. A block marks
 itself only after its output chunk is written, so a kill in between leaves it unmarked and the
 rerun recomputes it; zarr's local store writes chunks atomically (temp file + rename).
+
+A mark is the block's checksum (64-bit BLAKE2b of what it wrote, never 0), so
+:meth:`BlockMarkers.verify` (run by ``--resume`` and ``ssn-deploy verify``) finds chunks
+damaged after they were marked — undecodable or silently changed — and unmarks those blocks
+for recomputation. Every stage is deterministic, so recomputed blocks equal the lost ones and
+downstream stages stay valid. Outputs from before checksums (uint8 flags) are trusted as is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ssn_deploy.errors import ConfigError, InvalidInputError
+from ssn_deploy.errors import ConfigError, InvalidInputError, SsnDeployError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.volumes import Volume, create_volume, open_volume
 
@@ -37,6 +45,17 @@ def refuse_changed_settings(
         )
 
 
+log = logging.getLogger(__name__)
+
+
+def checksum(*arrays: np.ndarray) -> int:
+    """A nonzero 64-bit digest of the arrays' bytes (0 means "not finished")."""
+    digest = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return int.from_bytes(digest.digest(), "little") | 1
+
+
 def markers_spec(output_spec: str) -> str:
     """``out.zarr`` → ``out.zarr/done``; ``x.zarr:aff`` → ``x.zarr:aff/done``."""
     return f"{output_spec}/done"
@@ -56,7 +75,7 @@ class BlockMarkers:
         volume = create_volume(
             markers_spec(output_spec),
             grid.grid_shape,
-            np.uint8,
+            np.uint64,
             chunks=(1, 1, 1),
             voxel_size=[v * b for v, b in zip(voxel_size, grid.block_shape, strict=True)],
             offset=offset,
@@ -78,9 +97,43 @@ class BlockMarkers:
             )
         return cls(volume)
 
+    @property
+    def has_checksums(self) -> bool:
+        return self.volume.dtype == np.uint64
+
     def finished(self) -> np.ndarray:
-        """A flag per block, indexed by ``Block.block_id`` (one byte per block)."""
+        """A flag per block, indexed by ``Block.block_id``."""
         return self.volume[...].ravel() != 0
 
-    def mark(self, block: Block) -> None:
-        self.volume[Box(block.index, (1, 1, 1))] = 1
+    def mark(self, block: Block, *written: np.ndarray) -> None:
+        """Mark ``block`` finished with the checksum of the arrays it ``written``."""
+        value = checksum(*written) if self.has_checksums else 1
+        self.volume[Box(block.index, (1, 1, 1))] = value
+
+    def unmark(self, block: Block) -> None:
+        self.volume[Box(block.index, (1, 1, 1))] = 0
+
+    def verify(self, grid: BlockGrid, arrays: Sequence[Volume], repair: bool = True) -> list[Block]:
+        """Finished blocks whose chunks in ``arrays`` (read back) no longer match their mark:
+        unreadable or changed. With ``repair`` they are unmarked, so a resumed run recomputes
+        exactly those."""
+        if not self.has_checksums:
+            return []
+        marks = self.volume[...].ravel()
+        damaged = []
+        for block in grid:
+            if marks[block.block_id] == 0:
+                continue
+            try:
+                value = checksum(*(np.asarray(a[block.write_box]) for a in arrays))
+            except SsnDeployError:  # an undecodable chunk
+                value = 0
+            if value != int(marks[block.block_id]):
+                damaged.append(block)
+                if repair:
+                    self.unmark(block)
+        if damaged:
+            ids = [b.block_id for b in damaged[:10]]
+            action = ", unmarked for recomputation" if repair else ""
+            log.warning("%s: %d damaged block(s) %s%s", self.volume.spec, len(damaged), ids, action)
+        return damaged

@@ -88,8 +88,9 @@ def _predict_and_write(
         aff = predict_block(raw, block.write_box, predictor, grid, batch_size)
     except SsnDeployError as exc:
         return type(exc)(f"block {block.block_id} (voxels {describe(block.write_box)}): {exc}")
-    out[block.write_box] = encode_affinities(aff, out.dtype.name)
-    markers.mark(block)
+    stored = encode_affinities(aff, out.dtype.name)
+    out[block.write_box] = stored
+    markers.mark(block, stored)
     return block.write_box.size
 
 
@@ -111,8 +112,9 @@ def _jsonable(value: Any) -> Any:
 
 def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtype: str,
               source: Volume) -> dict:  # fmt: skip
-    """What must not change between a run and its resumption (the device may): the input
-    (:func:`input_identity`), the geometry, the stored dtype and the model."""
+    """What must not change between a run and its resumption (the device, or a Triton
+    server's address, may): the input (:func:`input_identity`), the geometry, the stored dtype
+    and the model (its file's checksum, or the one a server reports for what it serves)."""
     used = predictor.provenance
     return _jsonable(
         {
@@ -123,7 +125,7 @@ def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtyp
             "stride": grid.stride,
             "out_dtype": out_dtype,
             "model": used["model"],
-            "model_sha256": file_sha256(used["model"]),
+            "model_sha256": used.get("model_sha256") or file_sha256(used["model"]),
             "backend": used["backend"],
             "precision": used["precision"],
             "tta": used.get("tta", "none"),
@@ -256,6 +258,8 @@ def predict_affinities(
     out, markers = _prepare_output(
         out_spec, source, predictor, blocks, settings, resume=resume, overwrite=overwrite
     )
+    if resume:
+        markers.verify(blocks, [out])
     finished = markers.finished()
     if finished.any():
         log.info("skipping %d finished blocks", finished.sum())
