@@ -9,7 +9,7 @@ DEMO ?= demo
 $(BIN)/ssn-deploy: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,dev,serve]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,dev,serve,train]"
 	touch $@
 
 install: $(BIN)/ssn-deploy

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError, SsnDeployError
@@ -74,6 +73,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
     return torch.device(name)
+
+
+class _NoWriter:
+    """Stands in for TensorBoard's writer when tensorboard is not installed."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def scalar_writer(path: Path, purge_step: int) -> Any:
+    """TensorBoard event files when tensorboard is installed (``pip install ssn-deploy[train]``);
+    otherwise nothing: log.csv holds the same numbers, and inference never needs tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: scalars go to log.csv only")
+        return _NoWriter()
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 class CsvLog:
@@ -289,7 +309,7 @@ class Trainer:
         """Train until ``iterations`` updates are done in total, logging and checkpointing."""
         tc = self.config.training
         csv_log = CsvLog(self.run_dir / "log.csv", keep_until=self.iteration)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration + 1)
+        writer = scalar_writer(self.run_dir / "tensorboard", purge_step=self.iteration + 1)
         bar = tqdm(
             total=iterations,
             initial=self.iteration,
