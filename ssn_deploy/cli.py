@@ -18,13 +18,18 @@ log = logging.getLogger("ssn_deploy")
 
 
 class _Group(click.Group):
-    """A click group that turns :class:`SsnDeployError` into one line on stderr and exit 1."""
+    """A click group that turns :class:`SsnDeployError` and a command's usage errors (a bad
+    option value, a missing argument) into one line on stderr and exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SsnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(1)
 
 
@@ -39,6 +44,15 @@ def parse_triple(value: str | None, name: str) -> tuple[float, float, float] | N
     if len(numbers) != 3:
         raise click.BadParameter(f"expected three numbers Z,Y,X, got {value!r}", param_hint=name)
     return numbers  # type: ignore[return-value]
+
+
+def parse_voxel_size(value: str | None, name: str = "--voxel-size") -> tuple[float, ...] | None:
+    """``"Z,Y,X"`` nm: three finite, positive numbers."""
+    sizes = parse_triple(value, name)
+    if sizes is not None and not all(0 < v < float("inf") for v in sizes):
+        raise click.BadParameter(f"expected three positive sizes in nm, got {value}",
+                                 param_hint=name)  # fmt: skip
+    return sizes
 
 
 def parse_roi(value: str) -> tuple[slice, slice, slice]:
@@ -108,7 +122,7 @@ def convert(
         src,
         dst,
         chunks=parse_triple(chunks, "--chunks"),
-        voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        voxel_size=parse_voxel_size(voxel_size),
         roi=None if roi is None else parse_roi(roi),
         overwrite=overwrite,
         progress=not no_progress,
@@ -222,11 +236,7 @@ def evaluate(
         refuse_overlap(output, [seg, gt], "--output")
         if Path(output).exists() and not overwrite:
             raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
-    vs = parse_triple(voxel_size, "--voxel-size")
-    if vs is not None and not all(v > 0 and v < float("inf") for v in vs):
-        raise click.BadParameter(
-            f"expected positive sizes, got {voxel_size}", param_hint="--voxel-size"
-        )
+    vs = parse_voxel_size(voxel_size)
     with open_volume(seg, voxel_size=vs) as seg_vol, open_volume(gt, voxel_size=vs) as gt_vol:
         scores = evaluate_volumes(seg_vol, gt_vol, ignore_ids=ignore_ids, min_overlap=min_overlap)
     report = {"segmentation": seg, "ground_truth": gt, "version": __version__, **scores}
@@ -534,11 +544,37 @@ def _quiet_dask(verbose: int) -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+    type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]),
     default=None,
     help="Defaults to the fastest that runs --model: the file's own (.ckpt torch, .onnx "
     "onnxruntime, .plan tensorrt); onnxruntime for packaged models (torch with --precision "
-    "bf16/fp16 or --compile).",
+    "bf16/fp16 or --compile); triton with --url.",
+)
+@click.option(
+    "--url",
+    default=None,
+    help="HOST:PORT of a Triton server (ssn-deploy serve start) that runs the model: patches "
+    "are sent there (--backend triton); model and geometry are the served model's.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["grpc", "http"]),
+    default="grpc",
+    show_default=True,
+    help="How to talk to --url (gRPC: port 8001 by default, HTTP: 8000).",
+)
+@click.option(
+    "--triton-model",
+    default="affinity_py",
+    show_default=True,
+    help="The served model (affinity_onnx on Triton GPU images).",
+)
+@click.option(
+    "--triton-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Seconds one request to --url may take.",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -594,7 +630,7 @@ def _quiet_dask(verbose: int) -> None:
 )
 @click.option(
     "--workers",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Worker threads of the in-process cluster.",
@@ -618,6 +654,10 @@ def infer(
     output: str | None,
     model: str,
     backend: str | None,
+    url: str | None,
+    protocol: str,
+    triton_model: str,
+    triton_timeout: float,
     device: str,
     precision: str,
     compile_model: bool,
@@ -645,6 +685,8 @@ def infer(
     done, so --resume continues a killed run.
 
     Example: ssn-deploy sample demo && ssn-deploy infer demo/raw.zarr -o demo/seg.zarr
+
+    With a Triton server: ssn-deploy infer demo/raw.zarr --backend triton --url 127.0.0.1:8001
     """
     from ssn_deploy.pipeline import infer as run_infer
 
@@ -667,13 +709,17 @@ def infer(
         fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
         scheduler=scheduler,
         workers=workers,
-        voxel_size=parse_triple(voxel_size, "--voxel-size"),
+        voxel_size=parse_voxel_size(voxel_size),
         affinity_dtype=affinity_dtype,
         resume=resume,
         overwrite=overwrite,
         progress=not no_progress,
         preview=not no_preview,
         announce=lambda message: click.echo(message, err=True),
+        url=url,
+        protocol=protocol,
+        triton_model=triton_model,
+        triton_timeout=triton_timeout,
     )
     seconds = sum(result["timings"].values())
     click.echo(f"segmentation: {result['segmentation']}")
@@ -717,7 +763,7 @@ def infer(
     "voxel size: z >= 2x the pixel size is anisotropic].",
 )
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True)
@@ -743,13 +789,21 @@ def segment(
     are those infer recorded in the affinities' provenance, so a rerun repeats infer's
     segmentation exactly; the settings used are printed.
     """
-    from ssn_deploy.agglomeration.blockwise import refuse_overwriting_input, segment_blockwise
+    from ssn_deploy.agglomeration.blockwise import (
+        affinity_offsets,
+        check_threshold,
+        refuse_overwriting_input,
+        segment_blockwise,
+    )
     from ssn_deploy.pipeline import segmentation_settings
     from ssn_deploy.volumes import open_volume
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
     affs = open_volume(affinities)
     refuse_overwriting_input(affs.spec, f"{output}/fragments", f"{output}/segmentation")
+    affinity_offsets(affs, None)
+    if threshold is not None:
+        check_threshold(threshold)
     settings = segmentation_settings(
         affs,
         threshold=threshold,

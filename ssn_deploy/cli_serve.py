@@ -48,8 +48,8 @@ def serve() -> None:
     On a machine without Docker, `start` runs the tritonserver of the nvidia-pytriton wheel
     from its own virtual environment, set up on first use (about a minute; cached under
     ~/.cache/ssn-deploy, or $SSN_DEPLOY_SERVER_ENV). That server has only the python
-    backend, so it loads the CPU model `affinity_py`; GPU Triton images also run
-    `affinity_onnx`.
+    backend, so it loads the CPU model `affinity_py` and the block models `agglomerate` and
+    `segment`; GPU Triton images also run `affinity_onnx`.
     """
 
 
@@ -92,6 +92,19 @@ def serve() -> None:
     default=None,
     help="Add the TensorRT accelerator, in this precision, to affinity_onnx (GPU servers).",
 )
+@click.option(
+    "--max-block",
+    default=None,
+    help="Largest Z,Y,X block the agglomerate model takes [default: the block ssn-deploy "
+    "infer uses for the model's voxel size].",
+)
+@click.option(
+    "--segment-affinity-model",
+    type=click.Choice(["affinity_py", "affinity_onnx"]),
+    default="affinity_py",
+    show_default=True,
+    help="The model the segment model asks for affinities (affinity_onnx on GPU images).",
+)
 @click.option("--card", type=click.Path(exists=True, dir_okay=False), help="Model card to include.")
 def build_repo(
     model: str,
@@ -102,6 +115,8 @@ def build_repo(
     instances: int,
     threads: int,
     tensorrt: str | None,
+    max_block: str | None,
+    segment_affinity_model: str,
     card: str | None,
 ) -> None:
     """Write a Triton model repository for MODEL into OUTPUT.
@@ -114,6 +129,8 @@ def build_repo(
     OUTPUT/
       affinity_py/     python backend: onnxruntime on the CPU (runs on any Triton)
       affinity_onnx/   onnxruntime_onnx platform, optional TensorRT (Triton GPU images)
+      agglomerate/     python backend: one block's affinities -> segmentation
+      segment/         python backend: raw block -> affinities -> segmentation
       MODEL_CARD.md    the model's card
       ssn-deploy.json  source model, checksum and request limits
 
@@ -131,6 +148,8 @@ def build_repo(
         tensorrt=tensorrt,
         card=card,
         overwrite=overwrite,
+        max_block=_positive_triple(max_block, "--max-block"),
+        segment_affinity_model=segment_affinity_model,
     )
     patch = "x".join(str(p) for p in manifest.max_patch)
     click.echo(

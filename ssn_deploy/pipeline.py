@@ -28,10 +28,19 @@ from ssn_deploy.agglomeration.blockwise import (
 from ssn_deploy.errors import ConfigError, OutputExistsError, VoxelSizeError
 from ssn_deploy.inference.checks import check_raw, format_nm
 from ssn_deploy.inference.engine import cached_predictor, predict_affinities
-from ssn_deploy.inference.loader import DEFAULT, auto_backend, choose_packaged, load_predictor
+from ssn_deploy.inference.loader import (
+    DEFAULT,
+    TRITON,
+    auto_backend,
+    choose_packaged,
+    load_predictor,
+)
 from ssn_deploy.inference.predictor import Predictor
+from ssn_deploy.inference.triton_backend import DEFAULT_MODEL as TRITON_MODEL
+from ssn_deploy.inference.triton_backend import DEFAULT_TIMEOUT as TRITON_TIMEOUT
+from ssn_deploy.inference.triton_backend import TritonOptions, check_patch_fits
 from ssn_deploy.preview import write_preview
-from ssn_deploy.volumes import Volume, open_volume
+from ssn_deploy.volumes import Volume, open_volume, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +201,32 @@ def infer(
     progress: bool = True,
     preview: bool = True,
     announce: Callable[[str], None] | None = None,
+    url: str | None = None,
+    protocol: str = "grpc",
+    triton_model: str = TRITON_MODEL,
+    triton_timeout: float = TRITON_TIMEOUT,
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the output specs, geometry and stage timings.
 
     ``announce`` receives the line naming the packaged model chosen for ``model="default"``
-    (the CLI prints it before any work; by default it is logged)."""
+    (the CLI prints it before any work; by default it is logged). ``url`` (``HOST:PORT``)
+    sends the patches to a Triton server instead (``backend="triton"``, implied by ``url``):
+    ``protocol`` grpc | http, ``triton_model`` the served model, ``triton_timeout`` seconds
+    per request; the model and its geometry are then the server's."""
     _refuse_existing(out, resume, overwrite, preview)
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
     check_raw(raw, None)  # rank, dtype, values, voxel size: before any geometry or model
-    model, choice = resolve_model(model, raw.voxel_size)
-    if choice:
-        (announce or log.info)(choice)
+    refuse_overlap(out, [raw.spec])
+    if threshold is not None:
+        check_threshold(threshold)
+    if block_shape is not None and fragment_tile is not None:
+        check_block_and_tile(block_shape, fragment_tile)
+    triton = triton_options(backend, url, protocol, triton_model, triton_timeout)
+    choice = None
+    if triton is None:
+        model, choice = resolve_model(model, raw.voxel_size)
+    else:
+        backend = TRITON
     if backend == "auto":
         backend = auto_backend(model, precision, compile)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -215,8 +239,13 @@ def infer(
         compile=compile,
         threads=threads,
         tta=tta,
+        triton=triton,
     )
     predictor = cached_predictor(factory)
+    if choice:  # said once the model loaded, so that a failure is the only line
+        (announce or log.info)(choice)
+    if triton is not None:
+        model = predictor.provenance["model"]
     if threshold is None:  # the model's own, chosen on its validation data
         threshold = model_threshold(predictor)
     geometry = default_geometry(predictor, raw.voxel_size, patch_shape)
@@ -224,6 +253,9 @@ def infer(
         geometry = replace(geometry, fragment_tile=tuple(int(v) for v in fragment_tile))
     if block_shape is not None:
         geometry = replace(geometry, block_shape=tuple(int(v) for v in block_shape))
+    served = getattr(predictor, "inner", predictor)  # a TTA wrapper's model
+    if hasattr(served, "max_patch"):
+        check_patch_fits(geometry.patch_shape, served.max_patch, served.provenance["model"])
     threshold = check_threshold(threshold)
     check_block_and_tile(geometry.block_shape, geometry.fragment_tile)
     log.info("geometry: %s", geometry)
@@ -279,6 +311,21 @@ def infer(
             )
         )
     return result
+
+
+def triton_options(
+    backend: str, url: str | None, protocol: str, model: str, timeout: float
+) -> TritonOptions | None:
+    """The server to send patches to, or None for a local backend; ``url`` implies triton."""
+    if backend not in (TRITON, "auto") and url is not None:
+        raise ConfigError(f"--url names a Triton server: pass --backend triton, not {backend}")
+    if backend != TRITON and url is None:
+        return None
+    if not url:
+        raise ConfigError("--backend triton needs the server's address: pass --url HOST:PORT")
+    if protocol not in ("grpc", "http"):
+        raise ConfigError(f"--protocol: expected grpc or http, got {protocol!r}")
+    return TritonOptions(url, protocol=protocol, model=model, timeout=timeout)
 
 
 def resolve_model(model: str, voxel_size: Sequence[float] | None) -> tuple[str, str | None]:

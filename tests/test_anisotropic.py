@@ -209,4 +209,4 @@ def test_evaluate_voxel_size(crop: Path, tmp_path: Path) -> None:
         main,
         ["evaluate", str(tmp_path / "seg.zarr"), str(crop / "gt.zarr"), "--voxel-size", "0,1,1"],
     )
-    assert bad.exit_code == 2 and "positive" in bad.output
+    assert bad.exit_code == 1 and "positive" in bad.output

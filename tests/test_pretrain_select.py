@@ -174,3 +174,22 @@ def test_dense_embedding_refuses_strides_off_the_granularity(encoder: Path) -> N
     with pytest.raises(InvalidInputError, match="granularity"):
         embed.embedding_grid((16, 96, 96), enc, (2, 8, 8), "dense")
     assert embed.embedding_grid((16, 96, 96), enc, (2, 8, 8), "patch").stride == (2, 8, 8)
+
+
+def test_select_without_an_encoder_uses_the_packaged_one(data_dir: Path, tmp_path: Path) -> None:
+    """The shipped anisotropic encoder (18×64×64 patches) on real serial sections of the
+    training part: chosen by voxel size, announced, and CGS covers at least as much as the
+    best random selection."""
+    with h5py.File(data_dir / "fib_medulla_250_aniso5.hdf", "r") as f:
+        raw = f["volumes/raw"][0:20, :128, :128]
+    vol = tmp_path / "raw.zarr"
+    create_volume(str(vol), raw.shape, np.uint8, voxel_size=(50, 10, 10))[...] = raw
+    out = tmp_path / "sel"
+    result = CliRunner().invoke(
+        main, ["select", str(vol), "-o", str(out), "--budget", "2", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "encoder: packaged aniso" in result.output
+    report = json.loads((out / "rois.json").read_text())
+    assert report["encoder"].endswith("aniso.ckpt") and report["patch"] == [18, 64, 64]
+    assert report["coverage"]["cgs"] >= report["coverage"]["random_best"]

@@ -9,6 +9,7 @@ import pytest
 
 from ssn_deploy.selection.cover import coverage, covered, grid_windows, knn, knn_recall
 from ssn_deploy.selection.greedy import (
+    Exclusion,
     SelectionError,
     cgs,
     kmeanspp_centres,
@@ -126,3 +127,23 @@ def test_a_budget_that_does_not_fit_is_refused() -> None:
         cgs(neighbours, windows, 5)
     with pytest.raises(SelectionError):
         random_windows(windows, 5, seed=0)
+
+
+def test_swaps_undo_a_greedy_pick_that_blocks_a_better_pair() -> None:
+    """M and L overlap in space; greedy takes M (ties → lowest index), which leaves only R;
+    one swap finds L + R, which covers 9 patches instead of 7."""
+    n = 12
+    neighbours = np.array([[i] * 5 for i in range(n)])
+    neighbours[0] = [0, 4, 5, 6, 7]  # M
+    neighbours[1] = [1, 8, 9, 10, 11]  # L
+    neighbours[2] = [2, 4, 5, 6, 8]  # R
+    windows = np.array([[0], [1], [2]])
+    corners = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 5]])
+
+    def exclusion() -> Exclusion:
+        return Exclusion(windows, corners, (1, 1, 2))
+
+    greedy = cgs(neighbours, windows, 2, exclusion, swaps=0)
+    assert greedy == [0, 2] and coverage(neighbours, windows[greedy].ravel()) == 7 / n
+    swapped = cgs(neighbours, windows, 2, exclusion)
+    assert sorted(swapped) == [1, 2] and coverage(neighbours, windows[swapped].ravel()) == 9 / n

@@ -1,6 +1,7 @@
 """Triton serving against a real ``tritonserver`` (the ``nvidia-pytriton`` wheel's, CPU only).
 
-One server for the whole module: its environment is set up once and cached
+One server for the whole test run (fixtures in ``conftest.py``, shared with
+``test_triton_inference.py``): its environment is set up once and cached
 (``~/.cache/ssn-deploy`` or ``$SSN_DEPLOY_SERVER_ENV``; about a minute on a fresh machine),
 the repository is generated from the packaged model, and the server binds random free ports
 on 127.0.0.1. Requests carry real EM from the test region of ``fib_medulla_250``; answers
@@ -15,10 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -36,51 +35,18 @@ from ssn_deploy.serving.environment import ENV_VAR, ServerEnvironment, ensure_en
 from ssn_deploy.serving.repository import (
     AFFINITY_ONNX,
     AFFINITY_PY,
+    AGGLOMERATE,
     MANIFEST,
+    SEGMENT,
     OnnxModel,
     build_repository,
 )
 from ssn_deploy.serving.server import TritonServer, free_port, loadable_models
+from tests.conftest import MAX_BATCH, MAX_PATCH
 
-MAX_PATCH = (64, 64, 64)
-MAX_BATCH = 2
 PROTOCOLS = ("http", "grpc")
-
-
-@pytest.fixture(scope="session")
-def server_env() -> ServerEnvironment:
-    return ensure_environment()
-
-
-@pytest.fixture(scope="session")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("serving") / "repo"
-    build_repository(
-        default_model("onnxruntime"), out, max_patch=MAX_PATCH, max_batch=MAX_BATCH, threads=2
-    )
-    return out
-
-
-@pytest.fixture(scope="session")
-def server(server_env: ServerEnvironment, repository: Path) -> Iterator[TritonServer]:
-    log = repository.parent / "tritonserver.log"
-    with TritonServer(repository, environment=server_env, log=log, ready_timeout=180) as s:
-        yield s
-
-
-@pytest.fixture(scope="session")
-def local(repository: Path) -> OnnxPredictor:
-    """onnxruntime in this process on the very file the server runs."""
-    return OnnxPredictor(repository / AFFINITY_PY / "1" / "model.onnx")
-
-
-@pytest.fixture(scope="session")
-def patch(medulla_250: Path, local: OnnxPredictor) -> np.ndarray:
-    """Two 48×64×64 crops of the test region (z ≥ 125), normalised as the model asks."""
-    with h5py.File(medulla_250, "r") as f:
-        raw = f["volumes/raw"][125:173, 64:192, 64:128]
-    crops = np.stack([raw[:, :64], raw[:, 64:]])[:, None]
-    return np.ascontiguousarray(local.normalization(crops))
+SERVED = [AFFINITY_PY, AGGLOMERATE, SEGMENT]
+"""What the CPU-only server loads: every python-backend model."""
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +134,7 @@ def test_configs_carry_the_models_metadata(repository: Path, server: TritonServe
     assert (repository / "MODEL_CARD.md").read_text().startswith("# Isotropic model")
     assert (repository / MANIFEST).is_file()
     # The server reports the same metadata to clients, and loaded only what it can run here.
-    assert server.models == [AFFINITY_PY]
+    assert server.models == SERVED
     with TritonClient(server.http_url, protocol="http") as client:
         served = client.parameters()
     assert served["ssn_deploy.offsets"] == [list(o) for o in model.spec.offsets]
@@ -225,7 +191,7 @@ def test_python_model_checks_patches() -> None:
 
 
 def test_only_backends_the_server_has_are_loaded(repository: Path, server_env) -> None:
-    assert loadable_models(repository, server_env.backends) == [AFFINITY_PY]
+    assert loadable_models(repository, server_env.backends) == SERVED
 
 
 def test_a_server_that_cannot_load_its_model_names_its_log(

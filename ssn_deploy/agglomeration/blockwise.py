@@ -109,11 +109,26 @@ def read_affinities(affs: Volume, box: Box) -> np.ndarray:
     return data.astype(np.float32) / np.float32(scale) if scale != 1.0 else data.astype(np.float32)
 
 
-def _offsets_of(affs: Volume, offsets: Sequence[Offset] | None) -> tuple[Offset, ...]:
+NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+
+
+def affinity_offsets(affs: Volume, offsets: Sequence[Offset] | None) -> tuple[Offset, ...]:
+    """The offsets given, else those infer recorded, else the 3 nearest neighbours for a
+    3-channel array; every other case is a one-line error saying what was expected."""
+    if affs.ndim != 4:
+        raise InvalidInputError(
+            f"{affs.spec}: expected affinities C×Z×Y×X (as ssn-deploy infer writes them), "
+            f"got a {affs.ndim}D {affs.dtype} array"
+        )
     stored = affs.attrs.get("ssn_deploy", {}).get("offsets")
     chosen = offsets if offsets is not None else stored
+    if chosen is None and affs.shape[0] == len(NEAREST):
+        chosen = NEAREST
     if chosen is None:
-        raise InvalidInputError(f"{affs.spec}: no affinity offsets in its attributes; pass them")
+        raise InvalidInputError(
+            f"{affs.spec}: {affs.shape[0]} channels and no affinity offsets recorded; segment "
+            "takes affinities written by ssn-deploy infer, or 3 nearest-neighbour channels"
+        )
     chosen = validate_offsets(chosen)
     if affs.ndim != 4 or affs.shape[0] != len(chosen):
         raise InvalidInputError(
@@ -266,7 +281,7 @@ def segment_blockwise(
     check_block_and_tile(block_shape, fragment_tile)
     affs = open_volume(affinities) if isinstance(affinities, str) else affinities
     refuse_overwriting_input(affs.spec, fragments_spec, segmentation_spec)
-    offsets = _offsets_of(affs, offsets)
+    offsets = affinity_offsets(affs, offsets)
     try:
         grid = BlockGrid(Box.from_shape(affs.shape[1:]), block_shape, context=0)
         tiles = BlockGrid(grid.total, fragment_tile, context=0)

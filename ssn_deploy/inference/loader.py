@@ -1,15 +1,18 @@
 """Build a :class:`~ssn_deploy.inference.predictor.Predictor` from a model file and a backend name.
 
 ``load_predictor`` is what dask workers call (through ``functools.partial``) to build their
-predictor, so its arguments must be picklable: paths and options, never live sessions.
+predictor, so its arguments must be picklable: paths and options, never live sessions. The
+``triton`` backend has no model file: it runs what a Triton server serves
+(:class:`~ssn_deploy.inference.triton_backend.TritonOptions` say where).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +22,13 @@ from ssn_deploy.inference.baseline import NAME as INTENSITY
 from ssn_deploy.inference.baseline import IntensityPredictor
 from ssn_deploy.inference.predictor import Predictor
 
+if TYPE_CHECKING:
+    from ssn_deploy.inference.triton_backend import TritonOptions
+
 BACKENDS = {"torch": ".ckpt", "onnxruntime": ".onnx", "tensorrt": ".plan"}
+"""Backends that run a model file, and its suffix."""
+TRITON = "triton"
+"""The backend that runs the model a Triton server serves (no local file)."""
 PACKAGED = ("torch", "onnxruntime")
 DEFAULT = "default"
 
@@ -112,6 +121,7 @@ def load_predictor(
     compile: bool = False,
     threads: int | None = None,
     tta: str | None = None,
+    triton: TritonOptions | None = None,
 ) -> Predictor:
     """A predictor for ``model``: a .ckpt for torch, an .onnx for onnxruntime, a .plan (built
     by ``ssn-deploy export --format tensorrt``) for TensorRT, or a packaged model's name
@@ -119,9 +129,13 @@ def load_predictor(
 
     ``precision`` (fp32 | bf16 | fp16) and ``compile`` apply to torch; ONNX graphs and engines
     run in the precision they were exported with. ``model="intensity"`` is the no-network
-    baseline.
+    baseline. ``backend="triton"`` runs the model served where ``triton`` says (``model``
+    must then be "default": the server decides).
     """
-    predictor = _load(model, backend, device, precision, compile, threads)
+    if backend == TRITON:
+        predictor = _load_triton(model, triton, device, precision, compile)
+    else:
+        predictor = _load(model, backend, device, precision, compile, threads)
     if tta:
         from ssn_deploy.inference.tta import FlipAveragedPredictor
 
@@ -130,6 +144,30 @@ def load_predictor(
         except ValueError as exc:
             raise ConfigError(f"--tta: {exc}") from None
     return predictor
+
+
+def _load_triton(
+    model: str | Path | None,
+    options: TritonOptions | None,
+    device: str,
+    precision: str,
+    compile: bool,
+) -> Predictor:
+    from ssn_deploy.inference.triton_backend import TritonPredictor
+
+    if options is None:
+        raise ConfigError("the triton backend needs the server's address: pass --url HOST:PORT")
+    if model not in (None, DEFAULT):
+        raise ConfigError(
+            f"--backend triton runs the model the server serves, not --model {model}; "
+            "choose the served model with --triton-model"
+        )
+    if device != "cpu" or precision != "fp32" or compile:
+        raise ConfigError(
+            "the Triton server runs the model as it serves it: --device, --precision and "
+            "--compile do not apply to --backend triton"
+        )
+    return TritonPredictor(**asdict(options))
 
 
 def _load(
@@ -143,7 +181,8 @@ def _load(
     if str(model) == INTENSITY:
         return IntensityPredictor()
     if backend not in BACKENDS:
-        raise ConfigError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
+        known = sorted([*BACKENDS, TRITON])
+        raise ConfigError(f"backend: expected one of {known}, got {backend!r}")
     if is_packaged_name(model):
         path = default_model(backend, "iso" if str(model) == DEFAULT else str(model))
     else:

@@ -17,6 +17,9 @@ from typing import Any
 from ssn_deploy.errors import ConfigError, SsnDeployError
 from ssn_deploy.geometry import Block
 
+CONNECT_TIMEOUT = "10s"
+"""A scheduler that does not answer in this long is unreachable (a LAN connects in ms)."""
+
 
 @contextlib.contextmanager
 def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
@@ -27,7 +30,7 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
         yield scheduler
     elif scheduler:
         try:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
         with client:

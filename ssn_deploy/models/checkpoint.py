@@ -18,6 +18,8 @@ Format (``format == "ssn-deploy/checkpoint-v1"``)::
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,9 +109,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise InputNotFoundError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused it: damaged, or not data
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        marker = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
+        detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else ""
+        raise InvalidInputError(
+            f"{path}: not a checkpoint that loads as plain data ({detail or 'unpickling failed'});"
+            " files that would run code are refused (weights_only=True)"
+        ) from None
     except Exception as exc:  # torch raises several types for foreign or damaged files
-        raise InvalidInputError(f"{path}: not a readable checkpoint ({exc})") from None
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise InvalidInputError(f"{path}: not a readable checkpoint ({detail})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidInputError(f"{path}: not an ssn-deploy checkpoint (format {FORMAT})")
     model = build_model(payload["model"])

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from scipy import sparse
 
+SWAP_ROUNDS = 10
+
 
 class SelectionError(ValueError):
     """The budget cannot be met (too few non-overlapping windows)."""
@@ -66,18 +68,29 @@ def _membership(windows: np.ndarray, n: int) -> sparse.csr_matrix:
 
 
 def cgs(
-    neighbours: np.ndarray, windows: np.ndarray, budget: int, exclusion: Exclusion | None = None
+    neighbours: np.ndarray,
+    windows: np.ndarray,
+    budget: int,
+    exclusion: Callable[[], Exclusion] | None = None,
+    swaps: int = SWAP_ROUNDS,
 ) -> list[int]:
-    """Indices into ``windows`` of the ``budget`` windows CGS picks, in the order picked."""
+    """Indices into ``windows`` of the ``budget`` windows CGS picks.
+
+    Greedy: each pick adds the most patches not yet covered, among windows that overlap no
+    earlier pick. Greedy picks can block each other (a central window rules out two good
+    neighbours), so up to ``swaps`` rounds of 1-swap local search follow: a pick is replaced
+    by the feasible window that covers most together with the others, when that is strictly
+    more. Coverage never decreases; everything is deterministic (ties → lowest index)."""
     n = len(neighbours)
     reach = (_membership(windows, n) @ _cover_matrix(neighbours)).tocsr()  # window → covered
     reach.data[:] = 1.0
+    fresh = exclusion or (lambda: Exclusion(windows))
     uncovered = np.ones(n, np.float32)
-    exclusion = exclusion or Exclusion(windows)
+    taken = fresh()
     picks: list[int] = []
     for _ in range(budget):
         gain = reach @ uncovered
-        gain[~exclusion.free] = -1
+        gain[~taken.free] = -1
         best = int(np.argmax(gain))
         if gain[best] < 0:
             raise SelectionError(
@@ -85,8 +98,31 @@ def cgs(
             )
         picks.append(best)
         uncovered[reach[best].indices] = 0
-        exclusion.take(best)
+        taken.take(best)
+    for _ in range(swaps):
+        if not _swap_once(reach, picks, fresh):
+            break
     return picks
+
+
+def _swap_once(reach: sparse.csr_matrix, picks: list[int],
+               fresh: Callable[[], Exclusion]) -> bool:  # fmt: skip
+    """One pass of 1-swaps over ``picks`` (in place); True if any pick was replaced."""
+    changed = False
+    for i in range(len(picks)):
+        others = picks[:i] + picks[i + 1 :]
+        uncovered = np.ones(reach.shape[1], np.float32)
+        taken = fresh()
+        for o in others:
+            uncovered[reach[o].indices] = 0
+            taken.take(o)
+        gain = reach @ uncovered
+        gain[~taken.free] = -1
+        best = int(np.argmax(gain))
+        if gain[best] > gain[picks[i]]:
+            picks[i] = best
+            changed = True
+    return changed
 
 
 def random_windows(

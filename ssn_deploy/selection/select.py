@@ -150,12 +150,16 @@ def select(
     search = {"exact": exact, "recall": 1.0 if exact else knn_recall(vectors, neighbours)}
     positions = np.array(np.unravel_index(np.flatnonzero(allowed), grid.shape)).T
     fitted: tuple[int, int, int] | None = fit_window(grid, wanted, budget)
-    while True:  # greedy placement packs worse than a tiling: shrink until the budget fits
+    aligned = False  # first: windows anywhere; then: on the tiling lattice; then: smaller
+    while True:
         assert fitted is not None
         windows = grid_windows(grid.shape, fitted)
-        windows = local[windows[allowed[windows].all(axis=1)]]
         extent = grid.window_voxels(fitted)
         reach = [-(-e // s) for e, s in zip(extent, grid.stride, strict=True)]
+        if aligned:  # fit_window guarantees the lattice of side-by-side windows holds `budget`
+            corners = np.array(np.unravel_index(windows[:, 0], grid.shape)).T
+            windows = windows[(corners % np.array(reach) == 0).all(axis=1)]
+        windows = local[windows[allowed[windows].all(axis=1)]]
 
         def exclusion() -> Exclusion:  # windows whose voxels overlap a pick are ruled out
             return Exclusion(windows, positions[windows[:, 0]], reach)  # noqa: B023
@@ -163,7 +167,7 @@ def select(
         try:
             if len(windows) == 0:
                 raise SelectionError("no window lies outside the excluded regions")
-            picks = cgs(neighbours, windows, budget, exclusion())
+            picks = cgs(neighbours, windows, budget, exclusion)
             randoms = [
                 random_windows(windows, budget, seed + s, exclusion) for s in range(RANDOM_SEEDS)
             ]
@@ -171,8 +175,11 @@ def select(
                 vectors, windows, positions, fitted, budget, seed, exclusion()
             )
             break
-        except SelectionError as exc:
-            fitted = _shrink(fitted)
+        except SelectionError as exc:  # greedy placement can block a tiling that fits
+            if not aligned:
+                aligned = True
+                continue
+            aligned, fitted = False, _shrink(fitted)
             if fitted is None:
                 raise ConfigError(f"{exc}; lower --budget or --window") from None
     if fitted != tuple(min(a, g) for a, g in zip(wanted, grid.shape, strict=True)):

@@ -4,9 +4,21 @@ The ``tritonserver`` binary we run on machines without Docker ships inside the
 ``nvidia-pytriton`` wheel, which pins ``numpy<2`` while the main environment needs numpy 2
 (zarr ≥ 3.1.6). So the server gets a virtual environment of its own, built from the same
 interpreter (its python backend stub embeds that interpreter's ``libpython``): the wheel without
-its client-side dependencies, ``numpy<2`` and onnxruntime for the python-backend models. Only
-the python backend is bundled, so a backends folder ``backends/python/`` is assembled from the
-wheel's files and the stub for this Python version.
+its client-side dependencies, ``numpy<2``, onnxruntime for the affinity model, and for the
+``agglomerate`` and ``segment`` models what :mod:`ssn_deploy.agglomeration` imports, at versions
+that work with numpy<2 (no torch, zarr or dask).
+
+ssn-deploy itself is not installed there. Each server hands its stubs a folder holding only a
+link to the running ``ssn_deploy`` package (:func:`link_package`, named in
+``$SSN_DEPLOY_PACKAGE_PATH``, which the block models' ``model.py`` puts first on ``sys.path``;
+the stubs' embedded interpreter ignores ``PYTHONPATH``). So a server runs the very code of the
+process that started it, and one cached environment serves every checkout and installed
+version: an installed copy would go stale, and rebuilding the shared cache for each checkout
+would pull it from under a running server. Docker images install the same requirements plus
+ssn-deploy itself (``docker/install.sh server``).
+
+Only the python backend is bundled, so a backends folder ``backends/python/`` is assembled from
+the wheel's files and the stub for this Python version.
 """
 
 from __future__ import annotations
@@ -30,8 +42,14 @@ from ssn_deploy.errors import ServingError
 PYTRITON = "nvidia-pytriton==0.7.0"
 """The wheel holding ``tritonserver`` 2.51 and its python backend."""
 NUMPY = "numpy>=1.21,<2"
+AGGLOMERATION = ("scipy==1.17.1", "scikit-image==0.26.0", "edt==3.1.2", "fastremap==1.21.0")
+"""What :mod:`ssn_deploy.agglomeration` imports (waterz only for its reference method, which the
+served models do not use), checked with numpy 1.26.4 on Python 3.11: the versions of the main
+environment, so served and local segmentations agree."""
 ENV_VAR = "SSN_DEPLOY_SERVER_ENV"
 """Overrides the default location of the server environment."""
+PACKAGE_VAR = "SSN_DEPLOY_PACKAGE_PATH"
+"""A folder the block models import ``ssn_deploy`` from, before any installed one."""
 MARKER = "ssn-deploy-server-env.json"
 """Written last by :func:`ensure_environment`: a folder without it is incomplete."""
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -57,10 +75,24 @@ def onnxruntime_requirement() -> str:
     return "onnxruntime>=1.18"
 
 
-def requirements() -> tuple[str, ...]:
+def requirements(pytriton: bool = True) -> tuple[str, ...]:
     """What the server environment holds (``nvidia-pytriton`` is installed without its
-    dependencies: they serve its Python API, which the server does not use)."""
-    return (PYTRITON, NUMPY, onnxruntime_requirement())
+    dependencies: they serve its Python API, which the server does not use). Without
+    ``pytriton``: what the python backend of a Triton image needs (``docker/install.sh``)."""
+    packages = (NUMPY, onnxruntime_requirement(), *AGGLOMERATION)
+    return (PYTRITON, *packages) if pytriton else packages
+
+
+def link_package(folder: str | Path) -> Path:
+    """``folder`` with a link to the running ``ssn_deploy`` package and nothing else: first on
+    the stubs' ``sys.path``, it imports this package without the main environment's other
+    packages (numpy 2, torch). Returns ``folder``."""
+    import ssn_deploy
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ssn_deploy").symlink_to(Path(ssn_deploy.__file__).resolve().parent)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -107,15 +139,20 @@ class ServerEnvironment:
         files = (self.python, self.tritonserver, self.stub, self.marker)
         return all(f.exists() for f in files) and self.libs.is_dir()
 
-    def variables(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    def variables(
+        self, base: Mapping[str, str] | None = None, package: Path | None = None
+    ) -> dict[str, str]:
         """``base`` (default: ``os.environ``) with what the server and its stubs need:
         ``nvidia_pytriton.libs`` and the interpreter's LIBDIR first on ``LD_LIBRARY_PATH`` and
         this environment's ``bin/`` first on ``PATH`` (the embedded interpreter finds its
         site-packages through it). ``PYTHONPATH``/``PYTHONHOME`` are dropped so that the stub
-        never imports the main environment's numpy 2."""
+        never imports the main environment's numpy 2; ``package`` (a :func:`link_package`
+        folder) goes to the block models in :data:`PACKAGE_VAR`."""
         env = dict(os.environ if base is None else base)
-        for key in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"):
+        for key in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", PACKAGE_VAR):
             env.pop(key, None)
+        if package is not None:
+            env[PACKAGE_VAR] = str(package)
         env["LD_LIBRARY_PATH"] = _prepend(env.get("LD_LIBRARY_PATH"), self.libs, self.libdir)
         env["PATH"] = _prepend(env.get("PATH"), self.root / "bin")
         env["VIRTUAL_ENV"] = str(self.root)
@@ -257,3 +294,11 @@ def ensure_environment(
         if not is_valid(env):  # another process may have finished it while we waited
             _install(env, timeout)
     return env
+
+
+if __name__ == "__main__":  # docker/install.sh reads the list from here: one source
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the server environment's requirements.")
+    parser.add_argument("--no-pytriton", action="store_true", help="for a Triton image")
+    print("\n".join(requirements(pytriton=not parser.parse_args().no_pytriton)))

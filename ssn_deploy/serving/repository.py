@@ -8,6 +8,10 @@ and channel counts from its graph. The repository holds
                     model a CPU-only server (the ``nvidia-pytriton`` wheel's) can load
 ``affinity_onnx/``  platform ``onnxruntime_onnx`` (optional TensorRT accelerator), for the
                     NVIDIA Triton images, which bundle the onnxruntime backend
+``agglomerate/``    backend ``python``: one block's affinities → segmentation
+                    (:mod:`.block_models`, ssn-deploy's own agglomeration)
+``segment/``        backend ``python``: a raw block → affinities (from ``affinity_py`` through
+                    business logic scripting) → segmentation
 ``MODEL_CARD.md``   the model's card
 ``ssn-deploy.json`` what was built, from what, and the largest request it accepts
 
@@ -27,9 +31,13 @@ from typing import Any
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError, OutputExistsError
 from ssn_deploy.models.spec import METADATA_PREFIX, ModelSpec, Triple
+from ssn_deploy.serving import block_models
+from ssn_deploy.serving.environment import PACKAGE_VAR
 
 AFFINITY_PY = "affinity_py"
 AFFINITY_ONNX = "affinity_onnx"
+AGGLOMERATE = "agglomerate"
+SEGMENT = "segment"
 ONNX_FILE = "model.onnx"
 MANIFEST = "ssn-deploy.json"
 CARD = "MODEL_CARD.md"
@@ -49,6 +57,8 @@ class TensorConfig:
     name: str
     dims: tuple[int, ...]
     data_type: str = "TYPE_FP32"
+    optional: bool = False
+    """An input a request may leave out."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,8 @@ def _dims(dims: Sequence[int]) -> str:
 
 def render_tensor(t: TensorConfig) -> str:
     lines = [f"name: {pbtxt_string(t.name)}", f"data_type: {t.data_type}", f"dims: {_dims(t.dims)}"]
+    if t.optional:
+        lines.append("optional: true")
     return "  {\n" + "".join(f"    {line}\n" for line in lines) + "  }"
 
 
@@ -143,9 +155,10 @@ def render_config(config: ModelConfig) -> str:
         "\n".join(head),
         render_tensors("input", config.inputs),
         render_tensors("output", config.outputs),
-        render_dynamic_batching(config.max_queue_delay_us),
-        render_instance_group(config.instance_count, config.instance_kind),
     ]
+    if config.max_batch_size > 0:  # Triton refuses a dynamic batcher without a batch axis
+        blocks.append(render_dynamic_batching(config.max_queue_delay_us))
+    blocks.append(render_instance_group(config.instance_count, config.instance_kind))
     if config.parameters:
         blocks.append(render_parameters(config.parameters))
     if config.warmup_dims is not None:
@@ -238,6 +251,10 @@ class RepositoryOptions:
     tensorrt: str | None = None
     """Precision of the TensorRT accelerator of ``affinity_onnx`` (fp32 | fp16), or None."""
     warmup: bool = True
+    max_block: Triple | None = None
+    """Largest Z,Y,X block ``agglomerate`` accepts (None: infer's default block)."""
+    segment_affinity_model: str = AFFINITY_PY
+    """The model ``segment`` asks for affinities (``affinity_onnx`` on GPU images)."""
 
 
 def default_max_patch(spec: ModelSpec) -> Triple:
@@ -250,6 +267,17 @@ def default_max_patch(spec: ModelSpec) -> Triple:
         context = spec.context
 
     return default_geometry(_Geometry(), spec.voxel_size).patch_shape  # type: ignore[arg-type]
+
+
+def default_max_block(spec: ModelSpec) -> Triple:
+    """The block ``ssn-deploy infer`` uses for the model's own voxel size."""
+    from ssn_deploy.pipeline import default_geometry
+
+    class _Geometry:
+        granularity = spec.granularity
+        context = spec.context
+
+    return default_geometry(_Geometry(), spec.voxel_size).block_shape  # type: ignore[arg-type]
 
 
 def check_options(model: OnnxModel, options: RepositoryOptions) -> None:
@@ -269,6 +297,11 @@ def check_options(model: OnnxModel, options: RepositoryOptions) -> None:
         raise ConfigError(f"threads must be >= 0, got {options.threads}")
     if options.tensorrt not in (None, *TENSORRT_PRECISIONS):
         raise ConfigError(f"tensorrt precision must be one of {TENSORRT_PRECISIONS}")
+    block = options.max_block
+    if block is not None and (len(block) != 3 or min(block) < 1):
+        raise ConfigError(f"max block {block} must be three positive sizes Z,Y,X")
+    if options.segment_affinity_model not in (AFFINITY_PY, AFFINITY_ONNX):
+        raise ConfigError(f"segment's affinity model must be {AFFINITY_PY} or {AFFINITY_ONNX}")
 
 
 def warmup_dims(model: OnnxModel, options: RepositoryOptions) -> tuple[int, ...]:
@@ -336,6 +369,79 @@ def onnx_config(model: OnnxModel, options: RepositoryOptions, sha256: str) -> Mo
     )
 
 
+def block_parameters(
+    model: OnnxModel, options: RepositoryOptions, sha256: str, max_block: Triple
+) -> dict[str, str]:
+    """The model's parameters plus what agglomeration needs: the block limit and whether
+    fragments are 2D per section (anisotropic voxel size, as ``ssn-deploy infer`` decides)."""
+    from ssn_deploy.pipeline import is_anisotropic
+
+    return {
+        **model_parameters(model, options, sha256),
+        METADATA_PREFIX + "max_block": json.dumps(list(max_block)),
+        METADATA_PREFIX + "anisotropic": json.dumps(is_anisotropic(model.spec.voxel_size)),
+    }
+
+
+def threshold_input() -> TensorConfig:
+    return TensorConfig(block_models.THRESHOLD, (1,), optional=True)
+
+
+def agglomerate_config(
+    model: OnnxModel, options: RepositoryOptions, sha256: str, max_block: Triple
+) -> ModelConfig:
+    """One block per request (no batch axis: blocks differ in shape)."""
+    channels = model.spec.num_channels
+    return ModelConfig(
+        name=AGGLOMERATE,
+        backend="python",
+        inputs=(TensorConfig(block_models.AFFINITIES, (channels, -1, -1, -1)), threshold_input()),
+        outputs=(TensorConfig(block_models.SEGMENTATION, (-1, -1, -1), "TYPE_UINT64"),),
+        max_batch_size=0,
+        instance_count=options.instances,
+        parameters=block_parameters(model, options, sha256, max_block),
+    )
+
+
+def segment_config(
+    model: OnnxModel, options: RepositoryOptions, sha256: str, max_block: Triple
+) -> ModelConfig:
+    """A raw block (at most the maximum patch: one request to the affinity model)."""
+    params = block_parameters(model, options, sha256, max_block)
+    params[METADATA_PREFIX + "affinity_model"] = options.segment_affinity_model
+    params[METADATA_PREFIX + "affinity_input"] = model.input_name
+    params[METADATA_PREFIX + "affinity_output"] = model.output_name
+    channels = model.spec.num_channels
+    return ModelConfig(
+        name=SEGMENT,
+        backend="python",
+        inputs=(TensorConfig(block_models.RAW, (-1, -1, -1), "TYPE_UINT8"), threshold_input()),
+        outputs=(
+            TensorConfig(block_models.SEGMENTATION, (-1, -1, -1), "TYPE_UINT64"),
+            TensorConfig(block_models.AFFINITIES, (channels, -1, -1, -1)),
+        ),
+        max_batch_size=0,
+        instance_count=options.instances,
+        parameters=params,
+    )
+
+
+def shim(model_class: str) -> str:
+    """``model.py`` of a block model: the class lives in ssn-deploy, the one that
+    ``ssn-deploy serve start`` links (:data:`PACKAGE_VAR`), else the installed one (images)."""
+    return (
+        f'"""Written by ssn-deploy serve build-repo: {model_class} of '
+        'ssn_deploy.serving.block_models."""\n\n'
+        "import os\nimport sys\n\n"
+        f'_linked = os.environ.get("{PACKAGE_VAR}")\n'
+        "if _linked and _linked not in sys.path:\n"
+        "    sys.path.insert(0, _linked)\n\n"
+        "from ssn_deploy.serving.block_models import "
+        f"{model_class} as TritonPythonModel  # noqa: E402\n\n"
+        '__all__ = ["TritonPythonModel"]\n'
+    )
+
+
 # --- the manifest and the model card
 
 
@@ -349,6 +455,8 @@ class Manifest:
     """Model name → the backend that runs it (``python``, ``onnxruntime``)."""
     max_patch: Triple
     max_batch: int
+    max_block: Triple | None = None
+    """Largest block ``agglomerate`` takes (None in repositories written before it)."""
 
     @property
     def max_request_bytes(self) -> int:
@@ -364,6 +472,7 @@ class Manifest:
             "max_patch": list(self.max_patch),
             "max_batch": self.max_batch,
             "max_request_bytes": self.max_request_bytes,
+            "max_block": None if self.max_block is None else list(self.max_block),
         }
         return json.dumps(data, indent=1) + "\n"
 
@@ -381,6 +490,7 @@ class Manifest:
                 models=d["models"],
                 max_patch=tuple(d["max_patch"]),  # type: ignore[arg-type]
                 max_batch=int(d["max_batch"]),
+                max_block=tuple(d["max_block"]) if d.get("max_block") else None,  # type: ignore[arg-type]
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"{path}: invalid manifest ({exc})") from None
@@ -450,14 +560,18 @@ def build_repository(
     warmup: bool = True,
     card: str | Path | None = None,
     overwrite: bool = False,
+    max_block: Sequence[int] | None = None,
+    segment_affinity_model: str = AFFINITY_PY,
 ) -> Manifest:
     """Write a Triton model repository for the ONNX ``model`` into ``out``.
 
     ``max_patch`` (Z,Y,X; default: the patch ``ssn-deploy infer`` uses for the model's voxel
     size) and ``max_batch`` bound requests; ``instances`` model instances run in parallel with
     ``threads`` onnxruntime threads each; ``tensorrt`` (fp32 | fp16) adds the TensorRT
-    accelerator to ``affinity_onnx``. The repository is written beside ``out`` and moved into
-    place at the end, so a failed build leaves no half-written repository.
+    accelerator to ``affinity_onnx``. ``max_block`` (default: infer's block) bounds the blocks
+    ``agglomerate`` takes; ``segment`` takes raw blocks up to ``max_patch`` and asks
+    ``segment_affinity_model`` for their affinities. The repository is written beside ``out``
+    and moved into place at the end, so a failed build leaves no half-written repository.
     """
     onnx_model = OnnxModel.read(model)
     out = Path(out)
@@ -470,8 +584,11 @@ def build_repository(
         threads=threads,
         tensorrt=tensorrt,
         warmup=warmup,
+        max_block=None if max_block is None else tuple(int(b) for b in max_block),  # type: ignore[arg-type]
+        segment_affinity_model=segment_affinity_model,
     )
     check_options(onnx_model, options)
+    block = options.max_block or default_max_block(onnx_model.spec)
     card_path = Path(card) if card is not None else find_model_card(onnx_model.path)
     if card_path is not None and not card_path.is_file():
         raise InputNotFoundError(f"model card not found: {card_path}")
@@ -486,6 +603,15 @@ def build_repository(
         Path(__file__).with_name("affinity_model.py"), partial / AFFINITY_PY / VERSION / "model.py"
     )
     _write_model(partial / AFFINITY_ONNX, onnx_config(onnx_model, options, sha256), onnx_model.path)
+    for name, config, model_class in (
+        (AGGLOMERATE, agglomerate_config, "AgglomerateModel"),
+        (SEGMENT, segment_config, "SegmentModel"),
+    ):
+        (partial / name / VERSION).mkdir(parents=True)
+        (partial / name / VERSION / "model.py").write_text(shim(model_class))
+        (partial / name / "config.pbtxt").write_text(
+            render_config(config(onnx_model, options, sha256, block))
+        )
     if card_path is not None:
         shutil.copyfile(card_path, partial / CARD)
     else:
@@ -493,9 +619,15 @@ def build_repository(
     manifest = Manifest(
         source=str(onnx_model.path.resolve()),
         sha256=sha256,
-        models={AFFINITY_PY: "python", AFFINITY_ONNX: "onnxruntime"},
+        models={
+            AFFINITY_PY: "python",
+            AFFINITY_ONNX: "onnxruntime",
+            AGGLOMERATE: "python",
+            SEGMENT: "python",
+        },
         max_patch=options.max_patch,
         max_batch=options.max_batch,
+        max_block=block,
     )
     (partial / MANIFEST).write_text(manifest.to_json())
     if out.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError, ServingError
-from ssn_deploy.serving.environment import ServerEnvironment, ensure_environment
+from ssn_deploy.serving.environment import ServerEnvironment, ensure_environment, link_package
 
 PLATFORM_BACKENDS = {
     "onnxruntime_onnx": "onnxruntime",
@@ -86,6 +87,32 @@ def resolve_ports(host: str, http: int, grpc: int, metrics: int) -> Ports:
     return Ports(*chosen)
 
 
+PYTHON_BACKEND_REGION = "triton_python_backend_shm_region"
+"""Prefix of the ``/dev/shm`` region each python-backend stub shares with the server."""
+
+
+def python_backend_regions(group: int, proc: Path = Path("/proc")) -> list[str]:
+    """Shared-memory regions of the python-backend stubs in process group ``group`` (read from
+    their command lines), which the server removes on a clean stop but not when killed."""
+    regions = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != group:  # state, ppid, pgrp
+                continue
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        regions += [a.decode() for a in args if a.startswith(PYTHON_BACKEND_REGION.encode())]
+    return sorted(set(regions))
+
+
+def remove_regions(names: Sequence[str], shm: Path = Path("/dev/shm")) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (shm / name).unlink()
+
+
 def _tail(log: Path, lines: int = 40) -> list[str]:
     try:
         return log.read_text(errors="replace").splitlines()[-lines:]
@@ -142,6 +169,7 @@ class TritonServer:
         self.ports: Ports | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.models: list[str] = []
+        self._package: Path | None = None
 
     # -- addresses
 
@@ -215,13 +243,15 @@ class TritonServer:
             os.close(fd)
             self.log = Path(name)
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        # The block models import ssn_deploy: this process's own, linked for the stubs.
+        self._package = link_package(tempfile.mkdtemp(prefix="ssn-deploy-package-"))
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 self.command(env, self.ports, models),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env.variables(),
+                env=env.variables(package=self._package),
                 cwd=self.repository,
                 start_new_session=True,  # signals reach it only through us; stop() kills its group
             )
@@ -272,16 +302,33 @@ class TritonServer:
         group (its python stubs too) after ``stop_timeout`` s. Returns the exit status."""
         process, self.process = self.process, None
         if process is None:
-            return None
+            return self._reaped(None)
         if process.poll() is None:
             process.terminate()
             try:
                 process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 # Still alive, so its group is still ours: the server and its python stubs.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
+                _kill_group(process.pid)
+        return self._reaped(process)
+
+    def _reaped(self, process: subprocess.Popen[bytes] | None) -> int | None:
+        """The exit status, once the server is gone and its package link removed."""
+        code = None if process is None else process.wait()
+        if self._package is not None:
+            shutil.rmtree(self._package, ignore_errors=True)  # the link, never its target
+            self._package = None
+        return code
+
+    def kill(self) -> int | None:
+        """What a crash looks like: SIGKILL to the server and its python stubs at once, then
+        their shared memory removed (a killed server leaves it in ``/dev/shm``)."""
+        process, self.process = self.process, None
+        if process is None:
+            return self._reaped(None)
+        if process.poll() is None:
+            _kill_group(process.pid)
+        return self._reaped(process)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -293,6 +340,15 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a server and its stubs), then remove the
+    stubs' shared-memory regions."""
+    regions = python_backend_regions(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    remove_regions(regions)
 
 
 def serve(server: TritonServer, on_ready: Callable[[TritonServer], None] | None = None) -> int:

@@ -349,7 +349,10 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
     for section, values in (overrides or {}).items():
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"{section}: expected a mapping")
