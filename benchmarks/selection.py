@@ -238,7 +238,7 @@ def main() -> None:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: {json.dumps(results[name], indent=1)}", flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        results["machine"] = {"cores": args.threads, "cpu": _cpu()}
+        results["machine"] = {"threads": args.threads, "cpu": _cpu(), "load": os.getloadavg()}
         args.output.write_text(json.dumps(results, indent=2) + "\n")
 
 

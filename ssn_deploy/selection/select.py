@@ -83,6 +83,16 @@ def _shrink(window: Sequence[int]) -> tuple[int, int, int] | None:
     return tuple(w)  # type: ignore[return-value]
 
 
+def _shrink_chain(window: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """``window`` and every smaller one :func:`_shrink` steps through, down to 1×1×1."""
+    chain: list[tuple[int, int, int]] = []
+    w: tuple[int, int, int] | None = window
+    while w is not None:
+        chain.append(w)
+        w = _shrink(w)
+    return chain
+
+
 def fit_window(grid: EmbeddingGrid, window: Sequence[int], budget: int) -> tuple[int, int, int]:
     """``window`` (patches), shrunk in x/y (then z) until ``budget`` of them fit side by side
     without sharing a voxel."""
@@ -149,10 +159,9 @@ def select(
     exact = len(vectors) <= EXACT_LIMIT
     search = {"exact": exact, "recall": 1.0 if exact else knn_recall(vectors, neighbours)}
     positions = np.array(np.unravel_index(np.flatnonzero(allowed), grid.shape)).T
-    fitted: tuple[int, int, int] | None = fit_window(grid, wanted, budget)
-    aligned = False  # first: windows anywhere; then: on the tiling lattice; then: smaller
-    while True:
-        assert fitted is not None
+    sizes = _shrink_chain(fit_window(grid, wanted, budget))
+    # free placement at every size first (real choice); a tiling lattice only as a last resort
+    for fitted, aligned in [(w, False) for w in sizes] + [(w, True) for w in sizes]:
         windows = grid_windows(grid.shape, fitted)
         extent = grid.window_voxels(fitted)
         reach = [-(-e // s) for e, s in zip(extent, grid.stride, strict=True)]
@@ -176,12 +185,9 @@ def select(
             )
             break
         except SelectionError as exc:  # greedy placement can block a tiling that fits
-            if not aligned:
-                aligned = True
-                continue
-            aligned, fitted = False, _shrink(fitted)
-            if fitted is None:
-                raise ConfigError(f"{exc}; lower --budget or --window") from None
+            failure = exc
+    else:
+        raise ConfigError(f"{failure}; lower --budget or --window")
     if fitted != tuple(min(a, g) for a, g in zip(wanted, grid.shape, strict=True)):
         log.warning("window %s patches shrunk to %s so that %d fit", wanted, fitted, budget)
     global_ids = np.flatnonzero(allowed)
