@@ -458,10 +458,10 @@ def _open_zarr_node(container: str, inner: str, mode: str) -> Any:
         return zarr.open(_zarr_store(container), mode=mode, path=inner or None)
     except ImportError as exc:
         raise InvalidInputError(f"{container}: opening this URL needs {exc.name}") from exc
+    except FileNotFoundError:  # zarr's NodeNotFoundError: the callers list what exists
+        raise
     except (ValueError, TypeError, KeyError) as exc:  # zarr.json that is not valid metadata
         where = "/".join(p for p in (container, inner) if p)
-        if type(exc).__name__.endswith("NotFoundError"):  # e.g. an empty directory
-            raise InputNotFoundError(f"{where}: no zarr array or group there") from None
         raise CorruptDataError(
             f"{where}: unreadable zarr metadata ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:100] if str(exc) else ''})"
