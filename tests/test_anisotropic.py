@@ -146,7 +146,8 @@ def test_infer_runs_at_any_voxel_size(crop: Path, tmp_path: Path, voxel_size: st
     out = infer(tmp_path, "out", "--voxel-size", voxel_size)
     seg = open_volume(f"{out}/segmentation")
     assert seg.shape == raw.shape
-    assert len(np.unique(seg[...])) > 10
+    # the model sees 10 nm data labelled as another size: only "it segments" is asserted
+    assert len(np.unique(seg[...])) > 3
 
 
 @pytest.mark.slow
