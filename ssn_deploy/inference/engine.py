@@ -12,7 +12,6 @@ must import ssn_deploy and reach the volumes by the same paths or URLs).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from ssn_deploy.errors import (
     InvalidInputError,
     SsnDeployError,
 )
+from ssn_deploy.export.tensorrt import file_sha256
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.blend import PatchGrid
 from ssn_deploy.inference.block import predict_block
@@ -94,16 +94,10 @@ def _predict_and_write(
     return block.write_box.size
 
 
-def file_sha256(path: str) -> str | None:
+def model_sha256(path: str) -> str | None:
     """SHA-256 of a model file (None for a model that is not a file, e.g. the baseline), so
     that a resumed run refuses a retrained checkpoint saved under the same name."""
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path) if os.path.isfile(path) else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,7 +119,7 @@ def _settings(predictor: Predictor, grid: PatchGrid, blocks: BlockGrid, out_dtyp
             "stride": grid.stride,
             "out_dtype": out_dtype,
             "model": used["model"],
-            "model_sha256": used.get("model_sha256") or file_sha256(used["model"]),
+            "model_sha256": used.get("model_sha256") or model_sha256(used["model"]),
             "backend": used["backend"],
             "precision": used["precision"],
             "tta": used.get("tta", "none"),

@@ -21,7 +21,6 @@ them without a server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError, OutputExistsError
+from ssn_deploy.export.tensorrt import file_sha256
 from ssn_deploy.models.spec import METADATA_PREFIX, ModelSpec, Triple
 from ssn_deploy.serving import block_models
 from ssn_deploy.serving.environment import PACKAGE_VAR
@@ -521,14 +521,6 @@ def generated_card(model: OnnxModel) -> str:
 # --- writing
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``; never delete a folder that is not a
     repository this package wrote (a mistyped ``-o $HOME``)."""
@@ -592,7 +584,7 @@ def build_repository(
     card_path = Path(card) if card is not None else find_model_card(onnx_model.path)
     if card_path is not None and not card_path.is_file():
         raise InputNotFoundError(f"model card not found: {card_path}")
-    sha256 = _sha256(onnx_model.path)
+    sha256 = file_sha256(onnx_model.path)
 
     partial = out.with_name(f".{out.name}.partial")
     if partial.exists():
