@@ -64,7 +64,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of all rows, in rotating order")
     parser.add_argument("--load-seconds", type=float, help="length of the load test")
     parser.add_argument("--threads", type=int, default=c.all_cores(), help="cores to use")
-    parser.add_argument("--instances", type=int, default=1, help="python-backend instances")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="python-backend instances; the cores are split between them",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=MAX_BATCH, help="dynamic batching up to this many patches"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny patches, to validate the script")
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results)")
@@ -227,7 +235,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"\nmachine: {m['cores_usable']} cores ({m['cpu']['model']}), load "
         f"{m['load_average_1min_start']:.2f} → {report['load_average_1min_end']:.2f}; "
         f"patch {report['patch_shape']}, server: {report['server']['instances']} instance(s) × "
-        f"{report['server']['threads']} threads, dynamic batching up to {MAX_BATCH}"
+        f"{report['server']['threads_per_instance']} threads, dynamic batching up to "
+        f"{report['server']['max_batch']}"
     )
     header = "row;clients;patches/s;vs onnxruntime;p50 s;p99 s;batch;other s;failed".split(";")
     lines = []
@@ -277,9 +286,9 @@ def main() -> None:
             onnx,
             repo,
             max_patch=patch,
-            max_batch=MAX_BATCH,
+            max_batch=args.max_batch,
             instances=args.instances,
-            threads=args.threads,
+            threads=max(1, args.threads // args.instances),
         )
         with TritonServer(
             repo, models=[AFFINITY_PY], log=Path(tmp) / "tritonserver.log", ready_timeout=300
@@ -334,8 +343,8 @@ def main() -> None:
         "server": {
             "model": AFFINITY_PY,
             "instances": args.instances,
-            "threads": args.threads,
-            "max_batch": MAX_BATCH,
+            "threads_per_instance": max(1, args.threads // args.instances),
+            "max_batch": args.max_batch,
         },
         "requests_per_client": args.requests,
         "rounds": args.rounds,

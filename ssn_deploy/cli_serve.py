@@ -77,7 +77,9 @@ def serve() -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Model instances run in parallel (each its own process and onnxruntime session).",
+    help="Model instances run in parallel (each its own process and onnxruntime session). "
+    "On a CPU server with many clients, one per core with --threads 1 kept up with in-process "
+    "onnxruntime; one instance with every core serves a single client best (README, Deploy).",
 )
 @click.option(
     "--threads",
