@@ -18,13 +18,13 @@ demo: install
 	bash scripts/demo.sh $(BIN) $(DEMO)
 
 test: install
-	$(BIN)/ruff check ssn_deploy tests benchmarks
-	$(BIN)/ruff format --check ssn_deploy tests benchmarks
+	$(BIN)/ruff check ssn_deploy tests benchmarks scripts
+	$(BIN)/ruff format --check ssn_deploy tests benchmarks scripts
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check --fix ssn_deploy tests benchmarks
-	$(BIN)/ruff format ssn_deploy tests benchmarks
+	$(BIN)/ruff check --fix ssn_deploy tests benchmarks scripts
+	$(BIN)/ruff format ssn_deploy tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

@@ -32,7 +32,9 @@ def collapse_check(encoder: Encoder, volume: str, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     crops = []
     for _ in range(CHECK_CROPS):
-        lo = [int(rng.integers(0, n - p + 1)) for n, p in zip(raw.shape, encoder.patch, strict=True)]
+        lo = [
+            int(rng.integers(0, n - p + 1)) for n, p in zip(raw.shape, encoder.patch, strict=True)
+        ]
         box = tuple(slice(a, a + p) for a, p in zip(lo, encoder.patch, strict=True))
         crops.append(encoder.normalization(np.asarray(raw[box])))
     emb = torch.from_numpy(encoder(np.stack(crops).astype(np.float32)))
@@ -86,8 +88,8 @@ def main(runs: str = "runs", data: str = "../shared/data") -> None:
         "`fib_medulla_520_aniso5` is `fib_medulla_520_raw` made anisotropic the way",
         "`fib_medulla_250_aniso5` was (each 50 nm section the mean of 5 consecutive 10 nm ones);",
         "`aniso5_train` is sections [0, 25) of `fib_medulla_250_aniso5`, `fib_medulla_250_train`",
-        "is z < 125 of `fib_medulla_250`. What CGS reaches with them, and how long selection takes:",
-        "`benchmarks/results/selection.json` and the README's \"Choosing what to annotate\".",
+        "is z < 125 of `fib_medulla_250`. What CGS reaches with them, and how long selection takes:",  # noqa: E501
+        '`benchmarks/results/selection.json` and the README\'s "Choosing what to annotate".',
         "Licence of the data: CC BY 3.0, Janelia FlyEM / NeuroProof (Parag et al., PLoS ONE 2015).",
         "",
     ]

@@ -94,14 +94,39 @@ def _margin(patch: int, g: int, context: int) -> int:
     return min(margin, _round_up(context, step))
 
 
+MAX_PATCH_GROWTH = 1.1
+"""A patch fitted to the volume may be this much longer than the nominal one per axis."""
+
+
+def _fitted_core(length: int, core: int, margin: int, g: int) -> int:
+    """The core (a multiple of ``g``) whose patches cover ``length`` voxels with the fewest
+    model voxels: ``ceil(length / core) · (core + 2·margin)``, patches no longer than
+    :data:`MAX_PATCH_GROWTH` × the nominal one and keeping :data:`MIN_CORE_FRACTION`.
+
+    Why: cores sit on a lattice from the volume's origin, so a 125-section volume with 120-voxel
+    cores computes two full patches for 5 sections; a core of 128 computes one.
+    """
+    longest = int((core + 2 * margin) * MAX_PATCH_GROWTH) - 2 * margin
+    shortest = _round_up(2 * margin * MIN_CORE_FRACTION / (1 - MIN_CORE_FRACTION), g)
+    candidates = range(min(shortest, core), max(longest, core) + 1, g)
+    return min(candidates, key=lambda c: (-(-length // c) * (c + 2 * margin), c))
+
+
 def _axis_geometry(
-    extent: float, g: int, context: int, block_nominal: float, patch: int | None = None
+    extent: float,
+    g: int,
+    context: int,
+    block_nominal: float,
+    patch: int | None = None,
+    length: int | None = None,
 ) -> tuple[int, int, int, int]:
     """Patch, margin, block and fragment tile along one axis (see :func:`default_geometry`)."""
     if patch is None:
         patch = _round_up(extent, g)
         margin = _margin(patch, g, context)
         patch = max(patch, _round_up(2 * margin / (1 - MIN_CORE_FRACTION), g))
+        if length is not None:
+            patch = _fitted_core(length, patch - 2 * margin, margin, g) + 2 * margin
     else:
         margin = _margin(patch, g, context)
         while margin and patch - 2 * margin < g:  # a short given patch: shrink the margin
@@ -117,6 +142,7 @@ def default_geometry(
     predictor: Predictor,
     voxel_size: Sequence[float] | None,
     patch_shape: Sequence[int] | None = None,
+    volume_shape: Sequence[int] | None = None,
 ) -> Geometry:
     """Shapes that cover about the same distance in nm on every axis, with no wasted patches.
 
@@ -129,6 +155,8 @@ def default_geometry(
     finest-axis voxels) are a multiple of the core, so no patch straddles two blocks, and hold
     two fragment tiles per axis. Cores sit on a global lattice, so results never depend on
     the blocks. A given ``patch_shape`` replaces the default patch (margins shrink if needed).
+    Given the ``volume_shape``, each axis's core is fitted to it (:func:`_fitted_core`): same
+    margins, fewer model voxels for volumes that are not a multiple of the nominal core.
     """
     vs = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), dtype=float)
     if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
@@ -143,10 +171,11 @@ def default_geometry(
             f"patch shape {tuple(given)} must be a multiple of the model's granularity "
             f"{tuple(predictor.granularity)} (z,y,x)"
         )
+    lengths = [None] * 3 if volume_shape is None else [int(n) for n in volume_shape]
     axes = [
-        _axis_geometry(NOMINAL_PATCH / v, g, c, n / v, p)
-        for v, g, c, n, p in zip(
-            vs, predictor.granularity, predictor.context, NOMINAL_BLOCK, given, strict=True
+        _axis_geometry(NOMINAL_PATCH / v, g, c, n / v, p, length)
+        for v, g, c, n, p, length in zip(
+            vs, predictor.granularity, predictor.context, NOMINAL_BLOCK, given, lengths, strict=True
         )
     ]
     patch, margin, block, tile = (tuple(values) for values in zip(*axes, strict=True))
@@ -248,7 +277,7 @@ def infer(
         model = predictor.provenance["model"]
     if threshold is None:  # the model's own, chosen on its validation data
         threshold = model_threshold(predictor)
-    geometry = default_geometry(predictor, raw.voxel_size, patch_shape)
+    geometry = default_geometry(predictor, raw.voxel_size, patch_shape, raw.shape)
     if fragment_tile is not None:
         geometry = replace(geometry, fragment_tile=tuple(int(v) for v in fragment_tile))
     if block_shape is not None:

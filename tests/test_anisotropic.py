@@ -211,3 +211,34 @@ def test_evaluate_voxel_size(crop: Path, tmp_path: Path) -> None:
         ["evaluate", str(tmp_path / "seg.zarr"), str(crop / "gt.zarr"), "--voxel-size", "0,1,1"],
     )
     assert bad.exit_code == 1 and "positive" in bad.output
+
+
+@pytest.mark.parametrize("name", [m.name for m in PACKAGED_MODELS])
+@pytest.mark.parametrize(
+    "shape", [(125, 250, 250), (80, 160, 160), (50, 250, 250), (25, 250, 250), (512, 512, 512)]
+)
+def test_geometry_fitted_to_the_volume_computes_fewer_model_voxels(
+    name: str, shape: tuple[int, int, int]
+) -> None:
+    """Same margins, cores on the same kind of lattice, never more model voxels than the
+    volume-blind geometry and never a patch more than 10 % longer than the nominal one."""
+    predictor = load_predictor(name)
+    voxel = predictor.voxel_size
+
+    def model_voxels(g) -> int:
+        cores = [p - 2 * m for p, m in zip(g.patch_shape, g.margin, strict=True)]
+        counts = [-(-n // c) for n, c in zip(shape, cores, strict=True)]
+        return int(np.prod([k * p for k, p in zip(counts, g.patch_shape, strict=True)]))
+
+    blind = default_geometry(predictor, voxel)
+    fitted = default_geometry(predictor, voxel, volume_shape=shape)
+    assert fitted.margin == blind.margin
+    assert all(
+        f <= int(b * 1.1) for f, b in zip(fitted.patch_shape, blind.patch_shape, strict=True)
+    )
+    assert model_voxels(fitted) <= model_voxels(blind)
+    grid = PatchGrid.plan(fitted.patch_shape, fitted.margin, fitted.overlap, predictor.granularity)
+    assert all(b % s == 0 for b, s in zip(fitted.block_shape, grid.stride, strict=True))
+    if shape == (80, 160, 160) and name == "iso":  # the bundled demo: 8 → 2.7 model voxels/voxel
+        assert model_voxels(blind) / np.prod(shape) > 7.9
+        assert model_voxels(fitted) / np.prod(shape) < 2.8

@@ -4,6 +4,7 @@ and short real runs on the gala FIB-SEM fixtures (unlabelled pool: the other fix
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,70 @@ def test_semi_supervised_resume_is_exact_and_init_from_loads(
     reference = load_checkpoint(warm).model.state_dict()
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, reference[name]), name
+
+
+# --- labels only inside ROIs (data.rois), the label-budget setting of the ablation ---------
+
+
+def roi_config(tiny_train: Path, rois: object, **data) -> dict:
+    raw = yaml.safe_load((CONFIGS / "fib_tiny_train.yaml").read_text())
+    raw["data"] |= {
+        "raw": f"{tiny_train}:volumes/raw",
+        "labels": f"{tiny_train}:volumes/labels/neuron_ids",
+        "rois": rois,
+    } | data
+    raw["training"] |= {"amp": "none", "threads": 1}
+    return raw
+
+
+def test_rois_from_boxes_or_a_selection_and_refused_outside_train_z(tiny_train, tmp_path) -> None:
+    boxes = [[[0, 20], [0, 60], [0, 60]], [[10, 34], [40, 100], [100, 180]]]
+    cfg = config_from_dict(roi_config(tiny_train, boxes))
+    assert cfg.data.rois == (((0, 20), (0, 60), (0, 60)), ((10, 34), (40, 100), (100, 180)))
+    assert cfg.to_dict()["data"]["rois"] == boxes
+    selection = {
+        "rois": [
+            {"offset_voxels": [0, 0, 0], "shape_voxels": [20, 60, 60]},
+            {"offset_voxels": [10, 40, 100], "shape_voxels": [24, 60, 80]},
+        ]
+    }
+    (tmp_path / "rois.json").write_text(json.dumps(selection))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(roi_config(tiny_train, "rois.json")))
+    from ssn_deploy.training.config import load_config
+
+    assert load_config(config_file).data.rois == cfg.data.rois
+    with pytest.raises(ConfigError, match=r"data\.rois\[1\].*outside data\.train_z"):
+        config_from_dict(roi_config(tiny_train, [boxes[0], [[30, 40], [0, 60], [0, 60]]]))
+    with pytest.raises(ConfigError, match=r"data\.rois\[0\]"):
+        config_from_dict(roi_config(tiny_train, [[[0, 20], [0, 60]]]))
+    (tmp_path / "bad.json").write_text("{}")
+    config_file.write_text(yaml.safe_dump(roi_config(tiny_train, "bad.json")))
+    with pytest.raises(ConfigError, match=r"data\.rois: .*not a rois\.json"):
+        load_config(config_file)
+
+
+def test_crops_come_only_from_inside_the_labelled_boxes(tiny_train, tmp_path) -> None:
+    """Every crop the trainer draws lies inside one ROI (raw matched against the volume), both
+    boxes are used, and a crop that fits only the larger box comes only from it."""
+    from ssn_deploy.training.trainer import Trainer
+    from ssn_deploy.volumes import open_volume
+
+    boxes = [[[0, 20], [0, 60], [0, 60]], [[10, 34], [40, 100], [100, 180]]]
+    trainer = Trainer(config_from_dict(roi_config(tiny_train, boxes)), tmp_path)
+    volume = np.asarray(open_volume(f"{tiny_train}:volumes/raw")[:])
+    for slab, box in zip(trainer.train_slabs, boxes, strict=True):
+        np.testing.assert_array_equal(slab.raw, volume[tuple(slice(a, b) for a, b in box)])
+    sampler = trainer.source.sampler
+    used = set()
+    for _ in range(40):
+        slab = sampler.choose((16, 48, 48))
+        used.add(id(slab))
+        raw, _, _ = sampler.crop((16, 48, 48))
+        assert raw.base is slab.raw  # a view into the chosen box, never outside it
+    assert used == {id(s) for s in trainer.train_slabs}
+    assert all(sampler.choose((22, 48, 48)) is trainer.train_slabs[1] for _ in range(10))
+    with pytest.raises(Exception, match="fits in none of the labelled boxes"):
+        sampler.choose((30, 48, 48))
+    batch = trainer.next_batch()
+    assert batch.raw.shape == (1, 1, 16, 48, 48) and np.isfinite(batch.weights).all()

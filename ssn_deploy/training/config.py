@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from ssn_deploy.errors import ConfigError, InputNotFoundError
 from ssn_deploy.models.unet import ModelConfig
 
 ZRange = tuple[int, int]
+RoiBox = tuple[ZRange, ZRange, ZRange]
 
 
 def _z_range(value: Any, key: str) -> ZRange | None:
@@ -25,6 +27,34 @@ def _z_range(value: Any, key: str) -> ZRange | None:
     if not 0 <= z0 < z1:
         raise ConfigError(f"{key}: expected 0 <= z_begin < z_end, got {value!r}")
     return z0, z1
+
+
+def _roi_box(value: Any, key: str) -> RoiBox:
+    try:
+        box = tuple((int(a), int(b)) for a, b in value)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 3 or any(not 0 <= a < b for a, b in box):
+        raise ConfigError(
+            f"{key}: expected [[z0, z1], [y0, y1], [x0, x1]] with 0 <= begin < end, got {value!r}"
+        )
+    return box  # type: ignore[return-value]
+
+
+def read_rois_json(path: Path) -> list[list[list[int]]]:
+    """The voxel boxes of a ``ssn-deploy select`` rois.json: ``[[z0, z1], [y0, y1], [x0, x1]]``."""
+    if not path.is_file():
+        raise InputNotFoundError(f"data.rois: {path} not found")
+    try:
+        rois = json.loads(path.read_text())["rois"]
+        return [
+            [[b, b + s] for b, s in zip(r["offset_voxels"], r["shape_voxels"], strict=True)]
+            for r in rois
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"data.rois: {path} is not a rois.json from ssn-deploy select: {exc}"
+        ) from None
 
 
 def _overlaps(a: ZRange, b: ZRange) -> bool:
@@ -49,10 +79,22 @@ class DataConfig:
     mask_channels: tuple[int, ...] = ()
     isotropic: bool = False
     normalization: str = "scale"
+    rois: tuple[RoiBox, ...] | None = None
 
     def __post_init__(self) -> None:
         for key in ("train_z", "val_z", "test_z"):
             object.__setattr__(self, key, _z_range(getattr(self, key), f"data.{key}"))
+        if self.rois is not None:
+            if not self.rois:
+                raise ConfigError("data.rois: empty; omit it to train on all of data.train_z")
+            boxes = tuple(_roi_box(b, f"data.rois[{i}]") for i, b in enumerate(self.rois))
+            object.__setattr__(self, "rois", boxes)
+            zone = self.train_z or (0, max(b[0][1] for b in boxes))
+            for i, box in enumerate(boxes):
+                if not zone[0] <= box[0][0] < box[0][1] <= zone[1]:
+                    raise ConfigError(
+                        f"data.rois[{i}]: z {list(box[0])} lies outside data.train_z {list(zone)}"
+                    )
         object.__setattr__(self, "mask_channels", tuple(int(c) for c in self.mask_channels))
         if self.normalization not in ("scale", "meanstd"):
             raise ConfigError(
@@ -255,7 +297,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),
-            "data": _plain(asdict(self.data)),
+            "data": _plain(asdict(self.data))
+            | {"rois": [[list(r) for r in box] for box in self.data.rois or ()] or None},
             "training": _plain(asdict(self.training)),
             "augment": asdict(self.augment),
             "validation": _plain(asdict(self.validation)),
@@ -296,6 +339,11 @@ def _section(cls: type, raw: Any, name: str, base: Path | None = None) -> Any:
             if key not in raw:
                 raise ConfigError(f"data.{key}: required (FILE:DATASET of the labelled volume)")
             raw = raw | {key: resolve_volume_path(str(raw[key]), base)}
+        if isinstance(raw.get("rois"), str):
+            path = Path(os.path.expandvars(raw["rois"]))
+            if base is not None and not path.is_absolute():
+                path = (base / path).resolve()
+            raw = raw | {"rois": read_rois_json(path)}
     try:
         return cls(**raw)
     except TypeError as exc:

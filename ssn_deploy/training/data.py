@@ -36,9 +36,14 @@ def _open(spec: str) -> Volume:
 
 
 def read_slab(
-    raw_spec: str, labels_spec: str, z_range: ZRange | None, unknown_label: int | None = None
+    raw_spec: str,
+    labels_spec: str,
+    z_range: ZRange | None,
+    unknown_label: int | None = None,
+    yx: tuple[ZRange, ZRange] | None = None,
 ) -> Slab:
-    """Read ``z_range`` (whole volume when None) of raw and labels; check they align."""
+    """Read ``z_range`` (whole volume when None) of raw and labels, optionally only the
+    ``yx`` box in-plane; check they align."""
     raw_vol, lab_vol = _open(raw_spec), _open(labels_spec)
     if tuple(raw_vol.shape) != tuple(lab_vol.shape):
         raise InvalidInputError(
@@ -52,7 +57,14 @@ def read_slab(
         raise InvalidInputError(
             f"z range [{z0}, {z1}) exceeds the volume's {raw_vol.shape[0]} sections ({raw_spec})"
         )
-    box = (slice(z0, z1), slice(None), slice(None))
+    planes = [slice(None), slice(None)]
+    for axis, rng in enumerate(yx or ()):
+        if rng[1] > raw_vol.shape[axis + 1]:
+            raise InvalidInputError(
+                f"box {list(rng)} exceeds axis {'yx'[axis]} of {tuple(raw_vol.shape)} ({raw_spec})"
+            )
+        planes[axis] = slice(*rng)
+    box = (slice(z0, z1), *planes)
     raw = np.asarray(raw_vol[box])
     labels = np.asarray(lab_vol[box]).astype(np.uint64, copy=False)
     known = labels != unknown_label if unknown_label is not None else np.ones(labels.shape, bool)
@@ -73,12 +85,48 @@ def make_targets(
     return affs, class_balance_weights(affs, mask)
 
 
-class CropSampler:
-    """Uniformly random crops of a slab (with its own Generator, saved for exact resume)."""
+def read_rois(
+    raw_spec: str,
+    labels_spec: str,
+    boxes: Sequence[tuple[ZRange, ZRange, ZRange]],
+    unknown_label: int | None = None,
+) -> list[Slab]:
+    """One slab per labelled box (``data.rois``): nothing outside the boxes is read."""
+    return [read_slab(raw_spec, labels_spec, b[0], unknown_label, (b[1], b[2])) for b in boxes]
 
-    def __init__(self, slab: Slab, rng: np.random.Generator) -> None:
-        self.slab = slab
+
+class CropSampler:
+    """Uniformly random crops of one or several slabs (labelled boxes), each crop inside one.
+
+    A slab is drawn with probability proportional to its number of crop positions, so every
+    position of every box is equally likely; with one slab nothing is drawn, which keeps the
+    random sequence of single-slab runs. The Generator is saved for exact resume.
+    """
+
+    def __init__(self, slabs: Slab | Sequence[Slab], rng: np.random.Generator) -> None:
+        self.slabs = [slabs] if isinstance(slabs, Slab) else list(slabs)
         self.rng = rng
+        self.slab = self.slabs[0]
+
+    def choose(self, shape: Sequence[int]) -> Slab:
+        """The slab the next crop comes from (refused when the crop fits in none)."""
+        if len(self.slabs) == 1:
+            self.slab = self.slabs[0]
+            return self.slab
+        positions = np.array(
+            [
+                np.prod([max(f - s + 1, 0) for s, f in zip(shape, sl.raw.shape, strict=True)])
+                for sl in self.slabs
+            ],
+            float,
+        )
+        if positions.sum() == 0:
+            raise InvalidInputError(
+                f"training crop {tuple(shape)} fits in none of the labelled boxes "
+                f"{[sl.raw.shape for sl in self.slabs]}"
+            )
+        self.slab = self.slabs[int(self.rng.choice(len(self.slabs), p=positions / positions.sum()))]
+        return self.slab
 
     def crop(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         full = self.slab.raw.shape
@@ -120,7 +168,8 @@ class BatchSource:
         self.mask_channels = tuple(mask_channels)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        geometry = self.augmenter.geometry(self.crop, self.sampler.slab.raw.shape)
+        slab = self.sampler.choose(self.crop)
+        geometry = self.augmenter.geometry(self.crop, slab.raw.shape)
         raw, labels, known = self.sampler.crop(geometry.source_shape(self.crop))
         raw = raw.astype(np.float32) / np.float32(255.0)
         raw, labels, known = self.augmenter(raw, labels, known, geometry)

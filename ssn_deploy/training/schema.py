@@ -51,6 +51,9 @@ KEY_DOCS: dict[str, str] = {
     "data.isotropic": "true for FIB-SEM (z transposes, 3D fragments in validation); false for "
     "serial sections (per-section 2D fragments)",
     "data.normalization": "scale ((raw/255-0.5)/0.5) or meanstd (measured on train_z)",
+    "data.rois": "labels only inside these boxes: [[z0, z1], [y0, y1], [x0, x1]] voxels each, or "
+    "the path of a rois.json from ssn-deploy select; crops come from inside one box (all of "
+    "train_z if unset)",
     "training.iterations": "total updates (a resumed run continues to this number)",
     "training.crop": "crop z,y,x; a multiple of the model's granularity",
     "training.batch_size": "crops per update",

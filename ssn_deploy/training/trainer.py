@@ -36,7 +36,14 @@ from ssn_deploy.models.normalization import Normalization
 from ssn_deploy.models.registry import build_model
 from ssn_deploy.training.augment import Augmenter
 from ssn_deploy.training.config import Config, load_config
-from ssn_deploy.training.data import Batch, BatchSource, CropSampler, make_targets, read_slab
+from ssn_deploy.training.data import (
+    Batch,
+    BatchSource,
+    CropSampler,
+    make_targets,
+    read_rois,
+    read_slab,
+)
 from ssn_deploy.training.losses import LOSSES
 from ssn_deploy.training.run import prepare_run_dir, record_run
 from ssn_deploy.training.validation import Segmenter, autocast, predict_whole, score
@@ -135,14 +142,19 @@ class Trainer:
         }
         torch.manual_seed(tc.seed)
 
-        self.train_slab = read_slab(data.raw, data.labels, data.train_z, data.unknown_label)
+        self.train_slabs = (
+            read_rois(data.raw, data.labels, data.rois, data.unknown_label)
+            if data.rois
+            else [read_slab(data.raw, data.labels, data.train_z, data.unknown_label)]
+        )
+        self.train_slab = self.train_slabs[0]
         self.val_slab = (
             read_slab(data.raw, data.labels, data.val_z, data.unknown_label)
             if data.val_z is not None
             else None
         )
         self.normalization = (
-            Normalization.measure(self.train_slab.raw)
+            Normalization.measure(np.concatenate([s.raw.ravel() for s in self.train_slabs]))
             if data.normalization == "meanstd"
             else Normalization()
         )
@@ -150,7 +162,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, **ADAM)
         self.loss_fn = LOSSES[tc.loss]
         self.source = BatchSource(
-            CropSampler(self.train_slab, self.generators["sampler"]),
+            CropSampler(self.train_slabs, self.generators["sampler"]),
             Augmenter(config.augment, data.isotropic, self.generators["augmenter"]),
             self.normalization.from_unit,
             tc.crop,
