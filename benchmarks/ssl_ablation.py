@@ -24,8 +24,8 @@ and ``aniso`` = fib_medulla_250_aniso5 (train [0, 18), validation [18, 25), test
 1 box of 18×80×80 = 7.4 % of [0, 25); unlabelled pool the training sections + the raw of
 vnc_sstem_2dlabels). A box holds several encoder patches (64³ and 18×64×64 at a stride of 16
 in-plane), so CGS ranks boxes by the diversity they cover: a one-patch box covers exactly k
-neighbours wherever it lies, which makes every choice tie. The CPU scale is small on purpose (a [12, 16, 24, 32] U-Net, 3 levels,
-``--iterations`` updates of batch 1); the JSON records it.
+neighbours wherever it lies, which makes every choice tie. The CPU scale is small on purpose
+(a [12, 16, 24, 32] U-Net, 3 levels, ``--iterations`` updates of batch 1); the JSON records it.
 
 Resumable: each finished run's metrics are kept in ``benchmarks/results/ssl_ablation/`` (small,
 committed) and skipped; an interrupted training resumes from its ``last.ckpt`` in ``--work``; a
@@ -33,7 +33,7 @@ missing warm-up checkpoint is recomputed. ``benchmarks/results/ssl_ablation.json
 are rewritten after every run, so partial results are always readable.
 
     python benchmarks/ssl_ablation.py [--datasets iso aniso] [--seeds 0 1 2]
-        [--iterations 800] [--warmup 400] [--work runs/ssl_ablation] [--quick]
+        [--iterations 600] [--warmup 300] [--work runs/ssl_ablation] [--quick]
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["iso", "aniso"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--iterations", type=int, default=800, help="updates per arm")
-    parser.add_argument("--warmup", type=int, default=400, help="supervised updates before IIC/MT")
+    parser.add_argument("--iterations", type=int, default=600, help="updates per arm")
+    parser.add_argument("--warmup", type=int, default=300, help="supervised updates before IIC/MT")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "ssl_ablation")
