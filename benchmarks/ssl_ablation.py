@@ -132,6 +132,11 @@ def parse_args() -> argparse.Namespace:
         "--results", type=Path, default=RESULTS / "ssl_ablation", help="per-run metrics folder"
     )
     parser.add_argument("--quick", action="store_true", help="a few updates, to test the script")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the JSON and PNG from the finished runs in --results, train nothing",
+    )
     args = parser.parse_args()
     if not 0 < args.warmup < args.iterations:
         parser.error("--warmup must lie in (0, --iterations)")
@@ -436,7 +441,11 @@ def main() -> None:
     args.work = args.work.resolve()
     args.results.mkdir(parents=True, exist_ok=True)
     name = args.results.name
-    report_path, png_path = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    report_path = args.results.parent / f"{name}.json"
+    png_path = args.results.parent / f"{name}.png"
+    if args.report_only:
+        write_report(args, report_path, png_path)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     for ds_name in args.datasets:
         ds = DATASETS[ds_name]

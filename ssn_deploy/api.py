@@ -117,6 +117,7 @@ def segment(
     segmentation (``out=None``) or the output specs.
     """
     from ssn_deploy.agglomeration.blockwise import segment_blockwise
+    from ssn_deploy.outputs import stage_specs
     from ssn_deploy.pipeline import segmentation_settings
 
     options.setdefault("progress", False)
@@ -137,14 +138,15 @@ def segment(
             anisotropic=anisotropic,
         )  # fmt: skip
         target = out or f"{tmp}/out.zarr"
+        specs = stage_specs(target)
         seg, _ = segment_blockwise(
-            affs, f"{target}/fragments", f"{target}/segmentation",
+            affs, specs["fragments"], specs["segmentation"],
             threshold=settings["threshold"], block_shape=settings["block_shape"],
             fragment_tile=settings["fragment_tile"], anisotropic=settings["anisotropic"],
             **options,
         )  # fmt: skip
         if out is not None:
-            return {"fragments": f"{target}/fragments", "segmentation": seg.spec, **settings}
+            return {"fragments": specs["fragments"], "segmentation": seg.spec, **settings}
         return np.asarray(seg[...])
 
 

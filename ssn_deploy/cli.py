@@ -18,19 +18,35 @@ log = logging.getLogger("ssn_deploy")
 
 
 class _Group(click.Group):
-    """A click group that turns :class:`SsnDeployError` and a command's usage errors (a bad
-    option value, a missing argument) into one line on stderr and exit 1."""
+    """A click group that turns :class:`SsnDeployError`, a command's usage errors (a bad
+    option value, a missing argument) and storage errors (a full disk, a read-only directory)
+    into one line on stderr and exit 1."""
 
     def invoke(self, ctx: click.Context):
+        from ssn_deploy.storage import write_error
+
         try:
             return super().invoke(ctx)
         except SsnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
+            _drop_pending_writes()
+            sys.exit(1)
+        except OSError as exc:
+            if write_error(exc) is None:
+                raise
+            click.echo(f"error: {write_error(exc)}", err=True)
+            _drop_pending_writes()
             sys.exit(1)
         except click.UsageError as exc:
             hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(1)
+
+
+def _drop_pending_writes() -> None:
+    """After a failed write (a full disk), zarr's other writes of that call are still queued in
+    its event loop; exiting drops them and asyncio would log each one as an error."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def parse_triple(value: str | None, name: str) -> tuple[float, float, float] | None:
@@ -116,17 +132,20 @@ def convert(
 
     Example: ssn-deploy convert data.hdf:volumes/raw raw.zarr
     """
+    from ssn_deploy.storage import storage_errors
     from ssn_deploy.volumes import convert as convert_volume
 
-    out = convert_volume(
-        src,
-        dst,
-        chunks=parse_triple(chunks, "--chunks"),
-        voxel_size=parse_voxel_size(voxel_size),
-        roi=None if roi is None else parse_roi(roi),
-        overwrite=overwrite,
-        progress=not no_progress,
-    )
+    then = "fix that and rerun with --overwrite (the copy so far is marked incomplete)"
+    with storage_errors(dst, then):
+        out = convert_volume(
+            src,
+            dst,
+            chunks=parse_triple(chunks, "--chunks"),
+            voxel_size=parse_voxel_size(voxel_size),
+            roi=None if roi is None else parse_roi(roi),
+            overwrite=overwrite,
+            progress=not no_progress,
+        )
     size = "x".join(f"{v:g}" for v in out.voxel_size or ())
     click.echo(
         f"wrote {dst}: shape {out.shape}, {out.dtype}, voxel size {size} nm, chunks {out.chunks}"
@@ -230,12 +249,14 @@ def evaluate(
 
     from ssn_deploy.errors import OutputExistsError
     from ssn_deploy.metrics import evaluate as evaluate_volumes
+    from ssn_deploy.storage import check_writable
     from ssn_deploy.volumes import open_volume, refuse_overlap
 
     if output is not None:
         refuse_overlap(output, [seg, gt], "--output")
         if Path(output).exists() and not overwrite:
             raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
+        check_writable(output)
     vs = parse_voxel_size(voxel_size)
     with open_volume(seg, voxel_size=vs) as seg_vol, open_volume(gt, voxel_size=vs) as gt_vol:
         scores = evaluate_volumes(seg_vol, gt_vol, ignore_ids=ignore_ids, min_overlap=min_overlap)
@@ -297,6 +318,7 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
     import functools
 
     from ssn_deploy.agglomeration import segment_affinities
+    from ssn_deploy.storage import check_writable
     from ssn_deploy.training import load_config
     from ssn_deploy.training import train as run_training
 
@@ -307,6 +329,7 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
         from ssn_deploy.volumes import refuse_overlap
 
         refuse_overlap(run_dir, [config], "run directory")
+    check_writable(run_dir, replace=overwrite)
     segmenter = functools.partial(
         segment_affinities,
         threshold=list(cfg.validation.thresholds),
@@ -360,9 +383,12 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
     """
     from ssn_deploy.geometry import anisotropy
     from ssn_deploy.models.unet import ModelConfig
+    from ssn_deploy.storage import check_writable
     from ssn_deploy.training.simsiam import PretrainConfig, default_crop
     from ssn_deploy.training.simsiam import pretrain as run_pretrain
     from ssn_deploy.volumes import open_volume
+
+    check_writable(run_dir, replace=overwrite)
 
     with open_volume(volumes[0]) as first:
         voxel_size = first.voxel_size
@@ -477,7 +503,10 @@ def select(volume: str, out_dir: str, encoder: str | None, budget: int, window: 
     """
     from ssn_deploy.geometry import Box
     from ssn_deploy.selection.select import select_volume
+    from ssn_deploy.storage import check_writable
     from ssn_deploy.volumes import open_volume
+
+    check_writable(out_dir)
 
     with open_volume(volume) as raw:
         shape = raw.shape
@@ -516,6 +545,9 @@ def _int_triple(value: str | None, name: str) -> tuple[int, int, int] | None:
             f"expected three positive integers, got {value!r}", param_hint=name
         )
     return tuple(int(n) for n in numbers)  # type: ignore[return-value]
+
+
+RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks are kept)"
 
 
 def _quiet_dask(verbose: int) -> None:
@@ -689,38 +721,40 @@ def infer(
     With a Triton server: ssn-deploy infer demo/raw.zarr --backend triton --url 127.0.0.1:8001
     """
     from ssn_deploy.pipeline import infer as run_infer
+    from ssn_deploy.storage import storage_errors
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
-    result = run_infer(
-        volume,
-        out,
-        model=model,
-        backend=backend or "auto",
-        device=device,
-        precision=precision,
-        compile=compile_model,
-        tta=None if tta == "none" else tta,
-        threads=threads,
-        batch_size=batch_size,
-        threshold=threshold,
-        block_shape=_int_triple(block_shape, "--block-shape"),
-        patch_shape=_int_triple(patch_shape, "--patch-shape"),
-        fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
-        scheduler=scheduler,
-        workers=workers,
-        voxel_size=parse_voxel_size(voxel_size),
-        affinity_dtype=affinity_dtype,
-        resume=resume,
-        overwrite=overwrite,
-        progress=not no_progress,
-        preview=not no_preview,
-        announce=lambda message: click.echo(message, err=True),
-        url=url,
-        protocol=protocol,
-        triton_model=triton_model,
-        triton_timeout=triton_timeout,
-    )
+    with storage_errors(out, RESUME_AFTER_STORAGE_ERROR):
+        result = run_infer(
+            volume,
+            out,
+            model=model,
+            backend=backend or "auto",
+            device=device,
+            precision=precision,
+            compile=compile_model,
+            tta=None if tta == "none" else tta,
+            threads=threads,
+            batch_size=batch_size,
+            threshold=threshold,
+            block_shape=_int_triple(block_shape, "--block-shape"),
+            patch_shape=_int_triple(patch_shape, "--patch-shape"),
+            fragment_tile=_int_triple(fragment_tile, "--fragment-tile"),
+            scheduler=scheduler,
+            workers=workers,
+            voxel_size=parse_voxel_size(voxel_size),
+            affinity_dtype=affinity_dtype,
+            resume=resume,
+            overwrite=overwrite,
+            progress=not no_progress,
+            preview=not no_preview,
+            announce=lambda message: click.echo(message, err=True),
+            url=url,
+            protocol=protocol,
+            triton_model=triton_model,
+            triton_timeout=triton_timeout,
+        )
     seconds = sum(result["timings"].values())
     click.echo(f"segmentation: {result['segmentation']}")
     click.echo(f"affinities:   {result['affinities']}")
@@ -795,12 +829,18 @@ def segment(
         refuse_overwriting_input,
         segment_blockwise,
     )
-    from ssn_deploy.pipeline import segmentation_settings
+    from ssn_deploy.outputs import stage_specs
+    from ssn_deploy.pipeline import check_storage, segmentation_settings
+    from ssn_deploy.storage import absolute_spec, storage_errors
     from ssn_deploy.volumes import open_volume
 
     _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    if scheduler is not None:  # workers open the volumes by these names
+        affinities, output = absolute_spec(affinities), absolute_spec(output)
     affs = open_volume(affinities)
-    refuse_overwriting_input(affs.spec, f"{output}/fragments", f"{output}/segmentation")
+    specs = stage_specs(output)  # labels/fragments, labels/segmentation
+    refuse_overwriting_input(affs.spec, specs["fragments"], specs["segmentation"])
+    check_storage(output, scheduler, [affinities], resume)
     affinity_offsets(affs, None)
     if threshold is not None:
         check_threshold(threshold)
@@ -817,20 +857,21 @@ def segment(
             kind="2D (per section)" if settings["anisotropic"] else "3D", **settings
         )
     )
-    seg, history = segment_blockwise(
-        affs,
-        f"{output}/fragments",
-        f"{output}/segmentation",
-        threshold=settings["threshold"],
-        block_shape=settings["block_shape"],
-        fragment_tile=settings["fragment_tile"],
-        anisotropic=settings["anisotropic"],
-        scheduler=scheduler,
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        progress=not no_progress,
-    )
+    with storage_errors(output, RESUME_AFTER_STORAGE_ERROR):
+        seg, history = segment_blockwise(
+            affs,
+            specs["fragments"],
+            specs["segmentation"],
+            threshold=settings["threshold"],
+            block_shape=settings["block_shape"],
+            fragment_tile=settings["fragment_tile"],
+            anisotropic=settings["anisotropic"],
+            scheduler=scheduler,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            progress=not no_progress,
+        )
     counts = f"{len(history.fragments):,} fragments, {len(history.score):,} merges"
     click.echo(f"segmentation: {seg.spec} ({counts})")
 
@@ -907,7 +948,9 @@ def export(
     out of tolerance.
     """
     from ssn_deploy.parity import export_with_parity
+    from ssn_deploy.storage import check_writable
 
+    check_writable(output)
     result = export_with_parity(
         checkpoint,
         output,
@@ -976,7 +1019,9 @@ def sample(directory: str, overwrite: bool) -> None:
     fib_medulla_250, with dense neuron labels. FlyEM / HHMI Janelia, CC BY 3.0.
     """
     from ssn_deploy.sample import ATTRIBUTION, write_sample
+    from ssn_deploy.storage import check_writable
 
+    check_writable(directory)
     written = write_sample(directory, overwrite=overwrite)
     for name, vol in written.items():
         click.echo(f"{name}: {vol.spec} shape={vol.shape} dtype={vol.dtype}")

@@ -35,3 +35,7 @@ class ConfigError(SsnDeployError):
 
 class ServingError(SsnDeployError):
     """The Triton server's environment, the server or a request to it failed."""
+
+
+class StorageError(SsnDeployError):
+    """The output's storage cannot take it: not writable, read-only, full or over quota."""

@@ -1,10 +1,11 @@
 """``ssn-deploy infer``: raw volume → affinities → fragments → segmentation (+ a PNG preview).
 
-One output group ``OUT.zarr`` holds ``affinities`` (C×Z×Y×X), ``fragments`` and
-``segmentation`` (uint64), each with its own finished-block markers, so ``resume`` continues
-whichever stage a killed run was in. Geometry defaults come from the model and the voxel size
-(see :func:`default_geometry`); everything runs through the same dask engine, locally or on a
-cluster.
+One output group ``OUT.zarr`` holds ``affinities`` (C×Z×Y×X) and the label images
+``labels/fragments`` and ``labels/segmentation`` (uint64), each with its own finished-block
+markers, so ``resume`` continues whichever stage a killed run was in; ``OUT.zarr`` is an
+OME-Zarr image with labels and pyramids (layout: :mod:`ssn_deploy.outputs`). Geometry
+defaults come from the model and the voxel size (see :func:`default_geometry`); everything
+runs through the same dask engine, locally or on a cluster.
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ from ssn_deploy.inference.loader import (
     load_predictor,
 )
 from ssn_deploy.inference.predictor import Predictor
+from ssn_deploy.inference.scheduling import check_cluster_paths
 from ssn_deploy.inference.triton_backend import DEFAULT_MODEL as TRITON_MODEL
 from ssn_deploy.inference.triton_backend import DEFAULT_TIMEOUT as TRITON_TIMEOUT
 from ssn_deploy.inference.triton_backend import TritonOptions, check_patch_fits
+from ssn_deploy.outputs import describe_root, stage_specs
 from ssn_deploy.preview import write_preview
+from ssn_deploy.storage import (
+    absolute_spec,
+    check_free_space,
+    check_writable,
+    remove_temporaries,
+    stored_bytes,
+)
 from ssn_deploy.volumes import Volume, open_volume, refuse_overlap
 
 log = logging.getLogger(__name__)
@@ -134,7 +144,7 @@ def _axis_geometry(
         margin = max(margin, 0)
     stride = max(g, (patch - 2 * margin) // g * g)
     block = stride * max(1, round(block_nominal / stride))
-    tile = block // 2 if block % 2 == 0 else block
+    tile = block  # one fragment tile per block: the least flooded context (docstring below)
     return patch, margin, block, tile
 
 
@@ -152,9 +162,12 @@ def default_geometry(
     chosen so that cores are a multiple of the granularity: cores then tile the volume without
     overlap. A thin axis (z of serial-section data) gets a patch long enough that the core
     keeps :data:`MIN_CORE_FRACTION` of it, so strides never collapse. Blocks (~128 × 256 × 256
-    finest-axis voxels) are a multiple of the core, so no patch straddles two blocks, and hold
-    two fragment tiles per axis. Cores sit on a global lattice, so results never depend on
-    the blocks. A given ``patch_shape`` replaces the default patch (margins shrink if needed).
+    finest-axis voxels) are a multiple of the core, so no patch straddles two blocks, and are
+    one fragment tile each: a tile floods ``FRAGMENT_CONTEXT`` voxels beyond its core on every
+    side, so a 64 × 128 × 128 tile flooded 4.5× its voxels and a whole block 2.3×, in the
+    slowest stage after the model (``benchmarks/postprocess.py``). Cores sit on a global
+    lattice, so results never depend on the blocks. A given ``patch_shape`` replaces the
+    default patch (margins shrink if needed).
     Given the ``volume_shape``, each axis's core is fitted to it (:func:`_fitted_core`): same
     margins, fewer model voxels for volumes that are not a multiple of the nominal core.
     """
@@ -182,10 +195,6 @@ def default_geometry(
     return Geometry(block, tile, patch, margin, (0, 0, 0))  # type: ignore[arg-type]
 
 
-def _stage_specs(out: str) -> dict[str, str]:
-    return {name: f"{out}/{name}" for name in ("affinities", "fragments", "segmentation")}
-
-
 def preview_path(out: str) -> Path:
     """``seg.zarr`` → ``seg.preview.png`` beside it."""
     return Path(out.removesuffix("/").removesuffix(".zarr") + ".preview.png")
@@ -203,6 +212,27 @@ def _refuse_existing(out: str, resume: bool, overwrite: bool, preview: bool = Fa
         raise OutputExistsError(
             f"{png} already exists; pass --overwrite to replace it, or --no-preview"
         )
+
+
+def check_storage(
+    out: str, scheduler: Any, reads: list[str], resume: bool, preview: bool = False
+) -> None:
+    """Before any work: the output (and its preview) can be written here and, on a cluster,
+    used by its processes; a resumed output loses what a killed write left behind."""
+    check_writable(out)
+    if preview:
+        check_writable(preview_path(out))
+    if scheduler is not None:
+        check_cluster_paths(scheduler, reads, [out])
+    if resume:
+        remove_temporaries(out)
+
+
+def output_bytes(shape: Sequence[int], channels: int, affinity_dtype: str) -> tuple[int, int]:
+    """(at least, uncompressed) bytes of infer's affinities, fragments and segmentation."""
+    parts = [stored_bytes((channels, *shape), affinity_dtype)]
+    parts += [stored_bytes(shape, np.uint64)] * 2
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def infer(
@@ -242,10 +272,15 @@ def infer(
     sends the patches to a Triton server instead (``backend="triton"``, implied by ``url``):
     ``protocol`` grpc | http, ``triton_model`` the served model, ``triton_timeout`` seconds
     per request; the model and its geometry are then the server's."""
+    if scheduler is not None:  # workers open the volumes and the model by these names
+        volume, out = absolute_spec(volume), absolute_spec(out)
+        model = os.path.abspath(model) if os.path.isfile(model) else model
     _refuse_existing(out, resume, overwrite, preview)
     raw: Volume = open_volume(volume, voxel_size=voxel_size)
     check_raw(raw, None)  # rank, dtype, values, voxel size: before any geometry or model
     refuse_overlap(out, [raw.spec])
+    reads = [volume, model] if os.path.isfile(model) else [volume]
+    check_storage(out, scheduler, reads, resume, preview)
     if threshold is not None:
         check_threshold(threshold)
     if block_shape is not None and fragment_tile is not None:
@@ -287,8 +322,10 @@ def infer(
         check_patch_fits(geometry.patch_shape, served.max_patch, served.provenance["model"])
     threshold = check_threshold(threshold)
     check_block_and_tile(geometry.block_shape, geometry.fragment_tile)
+    if not resume:  # a resumed run has written part of it already
+        check_free_space(out, *output_bytes(raw.shape, predictor.num_channels, affinity_dtype))
     log.info("geometry: %s", geometry)
-    specs = _stage_specs(out)
+    specs = stage_specs(out)
     timings = {}
     start = time.perf_counter()
     affs = predict_affinities(
@@ -308,6 +345,7 @@ def infer(
         progress=progress,
     )
     timings["affinities_s"] = time.perf_counter() - start
+    describe_root(out)  # OUT.zarr is the affinities image, before its labels point at it
     anisotropic = is_anisotropic(raw.voxel_size)
     record_segmentation_settings(affs, threshold, geometry, anisotropic)
     start = time.perf_counter()

@@ -14,9 +14,16 @@ from ssn_deploy.agglomeration.blockwise import faces_spec
 from ssn_deploy.errors import InputNotFoundError
 from ssn_deploy.geometry import BlockGrid, Box
 from ssn_deploy.inference.done import BlockMarkers, markers_spec
+from ssn_deploy.outputs import stage_specs
 from ssn_deploy.volumes import open_volume
 
 STAGES = ("affinities", "fragments", "segmentation")
+
+
+def _stage_spec(out: str, stage: str) -> str:
+    """The stage's array in ``out``: the OME-Zarr layout, else the one before it (no labels/)."""
+    spec = stage_specs(out)[stage]
+    return spec if Path(markers_spec(spec)).exists() else f"{out}/{stage}"
 
 
 def verify_output(out: str, repair: bool = True) -> dict[str, dict[str, int | list[int]]]:
@@ -24,7 +31,7 @@ def verify_output(out: str, repair: bool = True) -> dict[str, dict[str, int | li
     (unmarked unless ``repair`` is False)."""
     report: dict[str, dict[str, int | list[int]]] = {}
     for stage in STAGES:
-        spec = f"{out.rstrip('/')}/{stage}"
+        spec = _stage_spec(out.rstrip("/"), stage)
         if not Path(markers_spec(spec)).exists():
             continue
         markers = BlockMarkers(open_volume(markers_spec(spec), "r+" if repair else "r"))

@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +54,7 @@ from ssn_deploy.errors import (
     VoxelSizeError,
 )
 from ssn_deploy.geometry import Box
+from ssn_deploy.storage import check_free_space, check_writable, stored_bytes
 
 if TYPE_CHECKING:
     import dask.array
@@ -418,7 +419,29 @@ class _ZarrArray:
             ) from exc
 
     def __setitem__(self, key: tuple, value: Any) -> None:
+        # zarr (3.1) reads a shard and merges into it even when a write replaces all of it, so
+        # a damaged shard would fail the very write that repairs it (resume after verify):
+        # whole shards are deleted first. Partial writes keep zarr's read-modify-write.
+        for shard in self._whole_shards(key):
+            from zarr.core.sync import sync
+
+            sync((self._array.store_path / self._array.metadata.encode_chunk_key(shard)).delete())
         self._array[key] = value
+
+    def _whole_shards(self, key: tuple) -> Iterator[tuple[int, ...]]:
+        """Coordinates of the shards ``key`` covers entirely; none unless it covers only such."""
+        shards = self._array.shards
+        if not shards:
+            return iter(())
+        ranges = []
+        for k, n, s in zip(key, self.shape, shards, strict=True):
+            if not isinstance(k, slice) or k.step not in (None, 1):
+                return iter(())
+            start, stop, _ = k.indices(n)
+            if start % s or (stop % s and stop != n) or start >= stop:
+                return iter(())
+            ranges.append(range(start // s, -(-stop // s)))
+        return itertools.product(*ranges)
 
     def _find_bad_chunk(self, key: tuple) -> tuple[int, ...] | None:
         """Read the selection's chunks one by one and return the first that fails to decode."""
@@ -486,6 +509,24 @@ def _zarr_listing(container: str) -> list[str]:
     return [n for n in names if not any(n.startswith(m + "/") for m in names)]
 
 
+LABELS_GROUP = "labels"
+"""OME-Zarr keeps an image's label images in this group beside its scale levels."""
+
+
+def _label_alias(loc: _Location) -> _Location | None:
+    """``OUT.zarr/segmentation`` → ``OUT.zarr/labels/segmentation`` when only the latter exists:
+    label images live under ``labels/`` (OME-Zarr), while users, scripts and outputs written
+    before that layout name them without it."""
+    if not loc.inner or loc.inner.split("/")[0] == LABELS_GROUP:
+        return None
+    alias = replace(loc, inner=f"{LABELS_GROUP}/{loc.inner}")
+    try:
+        _open_zarr_node(alias.container, alias.inner, "r")
+    except FileNotFoundError:
+        return None
+    return alias
+
+
 def _open_zarr(spec: str, loc: _Location, mode: str) -> Volume:
     import zarr
 
@@ -494,7 +535,11 @@ def _open_zarr(spec: str, loc: _Location, mode: str) -> Volume:
     except FileNotFoundError as exc:
         if not loc.inner:
             raise InputNotFoundError(f"{loc.container}: no such zarr array or group") from exc
-        raise _missing(loc, _zarr_listing(loc.container)) from exc
+        alias = _label_alias(loc)
+        if alias is None:
+            raise _missing(loc, _zarr_listing(loc.container)) from exc
+        loc, spec = alias, f"{alias.container.rstrip('/')}/{alias.inner}"
+        node = _open_zarr_node(loc.container, loc.inner, mode)
     attrs = node.attrs
     multiscale = _multiscales(attrs.asdict())
     if isinstance(node, zarr.Group):
@@ -505,7 +550,10 @@ def _open_zarr(spec: str, loc: _Location, mode: str) -> Volume:
                 f"{loc.container}:NAME; available: {listing}"
             )
         inner = "/".join(p for p in (loc.inner, multiscale["datasets"][0]["path"]) if p)
-        array = _open_zarr_node(loc.container, inner, mode)
+        try:
+            array = _open_zarr_node(loc.container, inner, mode)
+        except FileNotFoundError:  # killed between writing the group and its array
+            raise InputNotFoundError(f"{spec}: OME-Zarr group without its array {inner}") from None
     else:
         array, inner = node, loc.inner
     if multiscale is not None:
@@ -748,18 +796,45 @@ def choose_chunks(
 
 
 def _ome_metadata(ndim: int, voxel_size: Triple, offset: Triple, name: str) -> dict:
-    channel = [{"name": "c", "type": "channel"}] * (ndim - 3)
-    space = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
-    transforms = [
-        {"type": "scale", "scale": [1.0] * (ndim - 3) + list(voxel_size)},
-        {"type": "translation", "translation": [0.0] * (ndim - 3) + list(offset)},
-    ]
-    multiscale = {
-        "name": name,
-        "axes": channel + space,
-        "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-    }
-    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+    from ssn_deploy import ome
+
+    return {"ome": ome.image(ome.multiscale(ndim, voxel_size, offset, name=name))}
+
+
+INNER_CHUNK = 64
+"""Inner chunks of sharded volumes: small enough that a viewer fetches little per screen."""
+
+
+def _inner(shard: int, target: int) -> int:
+    """The largest divisor of ``shard`` up to ``target``; the whole shard when that is tiny."""
+    if shard <= target:
+        return shard
+    best = max(d for d in range(1, target + 1) if shard % d == 0)
+    return best if best >= target // 4 else shard
+
+
+def shard_layout(
+    shards: Iterable[int], shape: Iterable[int], inner: int = INNER_CHUNK
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shards and inner chunks for an array written one shard per task.
+
+    Shards are the given ones (a block grid from the origin, so each task writes whole shards
+    and no two tasks read-modify-write one), clipped to the array. Spatial (last three) inner
+    chunks are at most ``inner`` voxels and divide the shard; leading (channel) ones are 1.
+    An axis that holds a single shard may round it up to a multiple of ``inner`` instead,
+    since no other task writes there.
+    """
+    shape = tuple(int(n) for n in shape)
+    shards = tuple(min(int(s), n) for s, n in zip(shards, shape, strict=True))
+    lead = len(shape) - 3
+    out_shards, chunks = list(shards[:lead]), [1] * lead
+    for s, n in zip(shards[lead:], shape[lead:], strict=True):
+        c = _inner(s, inner)
+        if s == n and c == s and s > inner:  # one shard along the axis: pad it
+            s, c = -(-n // inner) * inner, inner
+        out_shards.append(s)
+        chunks.append(c)
+    return tuple(out_shards), tuple(chunks)
 
 
 def _compressors(compressor: str | None, dtype: np.dtype) -> list:
@@ -816,12 +891,15 @@ def create_volume(
     ome: bool = True,
     compressor: str | None = "zstd",
     fill_value: Any = 0,
+    shards: Iterable[int] | None = None,
 ) -> Volume:
     """Create a zarr v3 volume (3D z,y,x or 4D c,z,y,x) and return it open for writing.
 
     ``ome=True`` writes an OME-Zarr group (array ``"0"`` plus NGFF 0.5 multiscales metadata and
     ``attrs``) that viewers understand; ``ome=False`` a plain array with ``voxel_size``,
-    ``offset`` and ``axes`` attributes.
+    ``offset`` and ``axes`` attributes. ``shards`` (the blocks one task writes whole) makes a
+    sharded array whose inner chunks come from :func:`shard_layout` unless ``chunks`` is given;
+    its :attr:`Volume.chunks` are then the shards.
     """
     import zarr
 
@@ -832,6 +910,9 @@ def create_volume(
     if voxel_size is None:
         raise VoxelSizeError(f"{spec}: a voxel size (nm, z,y,x) is needed to create a volume")
     voxel_size, offset = _nm(voxel_size), _nm(offset)
+    if shards is not None:
+        shards, inner = shard_layout(shards, shape)
+        chunks = tuple(chunks) if chunks is not None else inner
     chunks = tuple(chunks) if chunks is not None else choose_chunks(shape, voxel_size, dtype)
     _prepare_output(loc, spec, overwrite)
     axes = ["c", "z", "y", "x"][-len(shape) :]
@@ -839,6 +920,7 @@ def create_volume(
         shape=shape,
         dtype=dtype,
         chunks=chunks,
+        shards=shards,
         fill_value=fill_value,
         compressors=_compressors(compressor, dtype),
         dimension_names=axes,
@@ -860,6 +942,18 @@ def create_volume(
             **array_args,
         )
     return open_volume(spec, "r+")
+
+
+def open_group(spec: str, mode: str = "r") -> Any:
+    """The zarr group ``spec`` names (``OUT.zarr``, ``OUT.zarr/labels``), for metadata that
+    belongs to a group rather than a volume; :class:`InputNotFoundError` if there is none."""
+    import zarr
+
+    loc = _output_location(spec)
+    try:
+        return zarr.open_group(_zarr_store(loc.container), path=loc.inner or None, mode=mode)
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"{spec}: no such zarr group") from exc
 
 
 def _copy_block_shape(
@@ -970,6 +1064,8 @@ def convert(
                 "offset": list(region.offset),
                 "shape": list(region.shape),
             }
+        check_writable(dst, replace=overwrite)
+        check_free_space(dst, *stored_bytes(region.shape, source.dtype))
         dest = create_volume(
             dst,
             region.shape,

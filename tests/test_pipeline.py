@@ -247,7 +247,7 @@ def test_verify_finds_damaged_chunks_and_resume_recomputes_only_those(
 
     chunk = next(p for p in Path(out, "affinities").rglob("c/*/*/*/*") if p.is_file())
     chunk.write_bytes(b"not a zstd frame")
-    seg = zarr.open_array(f"{out}/segmentation/0", mode="r+")
+    seg = zarr.open_array(f"{out}/labels/segmentation/0", mode="r+")  # level 0 of the label
     seg[0:32, 0:64, 64:128] = 7  # valid data, wrong values: only a checksum sees it
 
     dry = CliRunner().invoke(main, ["verify", out, "--dry-run"])

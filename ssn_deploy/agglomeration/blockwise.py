@@ -1,6 +1,6 @@
 """Blockwise segmentation of an affinity volume into one globally consistent segmentation.
 
-Three dask passes over the same block grid (chunks == blocks, so no two tasks write one chunk):
+Three dask passes over the same block grid (shards == blocks, so no two tasks write one shard):
 
 1. **fragments** — fragments are defined on a *global tile lattice* (``fragment_tile``): each
    tile floods a seeded watershed over its affinities grown by ``FRAGMENT_CONTEXT`` voxels and
@@ -31,7 +31,6 @@ from typing import Any
 import fastremap
 import numpy as np
 
-from ssn_deploy import __version__
 from ssn_deploy.affinities import Offset, validate_offsets
 from ssn_deploy.agglomeration.fragments import watershed_fragments
 from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, relabel
@@ -50,6 +49,8 @@ from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
+from ssn_deploy.outputs import finish_stage
+from ssn_deploy.provenance import RUN_KEYS, model_provenance, run_provenance
 from ssn_deploy.volumes import Volume, create_volume, open_volume, refuse_overlap
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,15 @@ def faces_spec(fragments_spec: str) -> str:
     return spec + "_faces"
 
 
+def affinity_scale(affs: Volume) -> float:
+    """What stored affinities are divided by to lie in [0, 1] (255 for uint8)."""
+    default = 255.0 if affs.dtype == np.uint8 else 1.0
+    return float(affs.attrs.get("ssn_deploy", {}).get("scale", default))
+
+
 def read_affinities(affs: Volume, box: Box) -> np.ndarray:
     """Affinities of ``box`` as float32 in [0, 1], whatever their stored dtype."""
-    scale = float(
-        affs.attrs.get("ssn_deploy", {}).get("scale", 255.0 if affs.dtype == np.uint8 else 1.0)
-    )
+    scale = affinity_scale(affs)
     data = affs[box]
     return data.astype(np.float32) / np.float32(scale) if scale != 1.0 else data.astype(np.float32)
 
@@ -154,14 +159,21 @@ def _fragment_block(
     result = np.empty(block.write_box.shape, np.uint64)
     flags = np.empty(block.write_box.shape, np.uint8)
     tile_voxels = int(np.prod(tiles.block_shape))
+    context = fragment_context(anisotropic)
+    # one read for all tiles of the block (their contexts overlap: reading each tile's grown
+    # box decoded the shared chunks again, ~2x the bytes), in the stored dtype
+    around = block.write_box.grow(context).intersect(total)
+    stored = affs[around]
+    scale = affinity_scale(affs)
     for index in itertools.product(
         *(range(a, b) for a, b in zip(first_tile, last_tile, strict=True))
     ):
         tile = tiles.block(index)
-        read = tile.write_box.grow(fragment_context(anisotropic)).intersect(total)
-        frags = watershed_fragments(
-            read_affinities(affs, read), offsets=offsets, anisotropic=anisotropic
-        )
+        read = tile.write_box.grow(context).intersect(total)
+        data = stored[(slice(None), *read.relative_to(around).slices)].astype(np.float32)
+        if scale != 1.0:
+            data /= np.float32(scale)
+        frags = watershed_fragments(data, offsets=offsets, anisotropic=anisotropic)
         core_slices = tile.write_box.relative_to(read).slices
         core = np.ascontiguousarray(frags[core_slices])
         local, _ = fastremap.renumber(core, start=0)  # pieces 1..n inside the tile's id range
@@ -221,13 +233,13 @@ def _blockwise_output(
             vol = None  # nothing to resume: start afresh
         if vol is not None:
             stored = vol.attrs.get("ssn_deploy", {})
-            refuse_changed_settings(spec, stored, attrs["ssn_deploy"], ignore=("version",))
+            refuse_changed_settings(spec, stored, attrs["ssn_deploy"], ignore=RUN_KEYS)
             return vol, BlockMarkers.open(spec, grid)
     vol = create_volume(
         spec,
         like.shape[-3:],
         dtype,
-        chunks=grid.block_shape,
+        shards=grid.block_shape,  # one block = one whole shard: no two tasks write one
         voxel_size=like.voxel_size,
         offset=like.offset,
         overwrite=overwrite or resume,
@@ -288,7 +300,8 @@ def segment_blockwise(
     except ValueError as exc:
         raise ConfigError(f"block shape: {exc}") from None
     provenance = {
-        "version": __version__,
+        **run_provenance(),  # version, created (UTC), argv
+        **model_provenance(affs.attrs),
         "source": affs.spec,
         "offsets": [list(o) for o in offsets],
         "block_shape": list(grid.block_shape),
@@ -320,6 +333,7 @@ def segment_blockwise(
             _fragment_block, affs, frags, faces, frag_markers, offsets, anisotropic, tiles
         )
         _run_stage(client, task, grid, frag_markers, progress, "fragments")
+        finish_stage(frags, client, label=True, progress=progress)
         parts: list[EdgeStats] = []
         vote_parts: list[Votes] = []
 
@@ -354,4 +368,5 @@ def segment_blockwise(
             seg_markers.verify(grid, [seg])
         task = functools.partial(_relabel_block, frags, seg, seg_markers, lookup)
         _run_stage(client, task, grid, seg_markers, progress, "segmentation")
+        finish_stage(seg, client, label=True, progress=progress)
     return seg, history

@@ -20,6 +20,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, boundary_map
+from ssn_deploy.agglomeration.flood import seeded_watershed
 
 BOUNDARY_THRESHOLD = 0.5
 
@@ -48,12 +49,21 @@ def _seeds(interior: np.ndarray, min_seed_distance: int, sampling: Sequence[floa
     return seeds
 
 
-def _watershed(boundary: np.ndarray, min_seed_distance: int) -> tuple[np.ndarray, int]:
+FLOODS = {
+    "bucket": seeded_watershed,  # compiled bucket queue (flood.py): the default, ~4x faster
+    "skimage": lambda boundary, seeds: watershed(boundary, markers=seeds),
+}
+"""Seeded watershed implementations; ``skimage`` stays for comparison (benchmarks)."""
+
+
+def _watershed(
+    boundary: np.ndarray, min_seed_distance: int, flood: str = "bucket"
+) -> tuple[np.ndarray, int]:
     interior = boundary < BOUNDARY_THRESHOLD
     seeds = _seeds(interior, min_seed_distance, (1.0,) * boundary.ndim)
     if seeds.max() == 0:  # no interior at all: one fragment for the whole region
         return np.ones(boundary.shape, np.uint64), 1
-    frags = watershed(boundary, markers=seeds)
+    frags = FLOODS[flood](boundary, seeds)
     return frags.astype(np.uint64), int(seeds.max())
 
 
@@ -64,6 +74,7 @@ def watershed_fragments(
     anisotropic: bool = False,
     min_seed_distance: int = 3,
     id_offset: int = 0,
+    flood: str = "bucket",
 ) -> np.ndarray:
     """Fragments (uint64, 1-based plus ``id_offset``, no zeros) from affinities ``[C, Z, Y, X]``.
 
@@ -74,13 +85,13 @@ def watershed_fragments(
         raise ValueError(f"affinities must be [{len(offsets)}, Z, Y, X], got {affs.shape}")
     if not anisotropic:
         boundary = boundary_map(affs)
-        frags, _ = _watershed(boundary, min_seed_distance)
+        frags, _ = _watershed(boundary, min_seed_distance, flood)
         return frags + np.uint64(id_offset) if id_offset else frags
     boundary = boundary_map(affs, xy_channels(offsets))
     out = np.empty(boundary.shape, np.uint64)
     next_id = id_offset
     for z in range(boundary.shape[0]):
-        frags, n = _watershed(boundary[z], min_seed_distance)
+        frags, n = _watershed(boundary[z], min_seed_distance, flood)
         out[z] = frags + np.uint64(next_id)
         next_id += n
     return out

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ssn_deploy.errors import ConfigError, InvalidInputError, SsnDeployError
+from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError, SsnDeployError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.volumes import Volume, create_volume, open_volume
 
@@ -69,7 +69,12 @@ class BlockMarkers:
 
     @classmethod
     def create(
-        cls, output_spec: str, grid: BlockGrid, voxel_size: tuple, offset: tuple
+        cls,
+        output_spec: str,
+        grid: BlockGrid,
+        voxel_size: tuple,
+        offset: tuple,
+        overwrite: bool = False,
     ) -> BlockMarkers:
         """A fresh map (the output was just created, so nothing is finished)."""
         volume = create_volume(
@@ -82,13 +87,19 @@ class BlockMarkers:
             attrs={"block_shape": list(grid.block_shape)},
             ome=False,
             compressor=None,
+            overwrite=overwrite,
         )
         return cls(volume)
 
     @classmethod
     def open(cls, output_spec: str, grid: BlockGrid) -> BlockMarkers:
-        """The map of an existing output, checked against the block grid of this run."""
-        volume = open_volume(markers_spec(output_spec), "r+")
+        """The map of an existing output, checked against the block grid of this run; a fresh
+        one if a killed run created the output but not its map (no block ran before it)."""
+        try:
+            volume = open_volume(markers_spec(output_spec), "r+")
+        except InputNotFoundError:
+            out = open_volume(output_spec)
+            return cls.create(output_spec, grid, out.voxel_size, out.offset, overwrite=True)
         stored = volume.attrs.get("block_shape")
         if volume.shape != grid.grid_shape or stored != list(grid.block_shape):
             raise InvalidInputError(

@@ -1,12 +1,14 @@
 """The blockwise affinity engine: raw volume → affinities zarr, on any dask cluster.
 
 Blocks tile the volume (:class:`~ssn_deploy.geometry.BlockGrid`); each dask task predicts one
-block (:func:`~ssn_deploy.inference.block.predict_block`), writes its output chunk (chunks ==
-block shape, so no two tasks write one chunk) and then marks the block finished
-(:mod:`.done`). Blocks are submitted lazily with at most ``max_in_flight`` pending, so the
-scheduler holds O(in-flight) tasks whatever the volume size. The default cluster is an
-in-process ``LocalCluster`` of threads; ``scheduler="tcp://…"`` uses a running one (its workers
-must import ssn_deploy and reach the volumes by the same paths or URLs).
+block (:func:`~ssn_deploy.inference.block.predict_block`), writes its output shard (shards ==
+block shape, so no two tasks write one shard; inner chunks of at most 64³ per channel keep
+viewers fast) and then marks the block finished (:mod:`.done`); the last block is followed
+by the scale levels (:mod:`ssn_deploy.pyramid`). Blocks are submitted lazily with at most
+``max_in_flight`` pending, so the scheduler holds O(in-flight) tasks whatever the volume size.
+The default cluster is an in-process ``LocalCluster`` of threads; ``scheduler="tcp://…"`` uses
+a running one (its workers must import ssn_deploy and reach the volumes by the same paths or
+URLs).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from ssn_deploy.inference.checks import check_raw, describe, input_identity
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.predictor import Predictor
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
+from ssn_deploy.outputs import finish_stage
+from ssn_deploy.provenance import run_provenance
 from ssn_deploy.volumes import Volume, create_volume, open_volume, overlaps
 
 log = logging.getLogger(__name__)
@@ -147,13 +151,13 @@ def _prepare_output(
             stored = out.attrs.get("ssn_deploy", {}).get("settings") or {}
             refuse_changed_settings(out_spec, stored, settings)
             return out, BlockMarkers.open(out_spec, blocks)
-    from ssn_deploy import __version__
-
     attrs = {
         "ssn_deploy": {
             "command": "infer",
             "stage": "affinities",
-            "version": __version__,
+            **run_provenance(),  # version, created (UTC), argv
+            "model": settings["model"],
+            "model_sha256": settings["model_sha256"],
             "source": raw.spec,
             "offsets": [list(o) for o in predictor.offsets],
             "scale": OUT_DTYPES[settings["out_dtype"]],
@@ -165,10 +169,10 @@ def _prepare_output(
         out_spec,
         (predictor.num_channels, *raw.shape),
         settings["out_dtype"],
-        chunks=(predictor.num_channels, *blocks.block_shape),
+        shards=(predictor.num_channels, *blocks.block_shape),  # one block = one whole shard
         voxel_size=raw.voxel_size,
         offset=raw.offset,
-        overwrite=overwrite,
+        overwrite=overwrite or resume,  # resuming: a group a killed run left without its array
         attrs=attrs,
     )
     return out, BlockMarkers.create(out_spec, blocks, raw.voxel_size, raw.offset)
@@ -266,4 +270,5 @@ def predict_affinities(
         run_blocks(
             client, task, pending, limit, len(blocks), int(finished.sum()), progress, "affinities"
         )
+        finish_stage(out, client, label=False, progress=progress)
     return out

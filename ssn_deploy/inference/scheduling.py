@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ssn_deploy.errors import ConfigError, SsnDeployError
@@ -31,7 +31,7 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
     elif scheduler:
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: not an address
             raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
         with client:
             yield client
@@ -48,6 +48,58 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
             Client(cluster) as client,
         ):
             yield client
+
+
+def _unusable(reads: list[str], probes: list[str], write: bool = True) -> list[str]:
+    """Run on a worker (or the scheduler): the client's paths this process cannot use."""
+    problems = []
+    for path in reads:
+        if not os.path.exists(path):
+            problems.append(f"cannot see {path}")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"cannot read {path}")
+    for probe in probes:
+        directory = os.path.dirname(probe)
+        if not os.path.exists(probe):  # not there, or a local directory of the same name
+            problems.append(f"cannot see {directory} (the output's directory)")
+        elif write and not os.access(directory, os.W_OK | os.X_OK):
+            problems.append(f"cannot write in {directory}")
+    return problems
+
+
+def check_cluster_paths(scheduler: Any, reads: Sequence[str], writes: Sequence[str]) -> None:
+    """Refuse a cluster whose processes cannot use the client's paths, before any work.
+
+    Workers read the inputs and write the outputs by the names the client gives; the
+    scheduler opens them too (it unpickles the tasks, which reopen their volumes). Local
+    ``reads`` that exist here (inputs, a model file) must be readable there. For each output,
+    a probe file briefly put into its directory (the output, or where it will be created)
+    must be visible there, so that a worker's own local directory of the same name (whose
+    blocks would never reach this machine) is caught too; workers must be able to write
+    beside it. Names that are not local paths here (URLs, packaged model names) are skipped.
+    """
+    import tempfile
+
+    from ssn_deploy.storage import is_local, nearest_existing, on_disk
+
+    paths = [str(on_disk(r)) for r in reads if is_local(r) and on_disk(r).exists()]
+    dirs = [nearest_existing(on_disk(w)) for w in writes if is_local(w)]
+    probes = [tempfile.mkstemp(dir=d, prefix=".ssn-deploy-probe-") for d in dirs]
+    try:
+        names = [name for _, name in probes]
+        with dask_client(scheduler, 1) as client:
+            found = {f"worker at {a}": p for a, p in client.run(_unusable, paths, names).items()}
+            found["scheduler"] = client.run_on_scheduler(_unusable, paths, names, write=False)
+    finally:
+        for fd, name in probes:
+            os.close(fd)
+            os.unlink(name)
+    for where, problems in found.items():
+        if problems:
+            raise ConfigError(
+                f"the dask {where} {problems[0]}: every worker and the scheduler must reach "
+                "the volumes and the model by the paths given here (a shared filesystem, or URLs)"
+            )
 
 
 WORKER_TIMEOUT = float(os.environ.get("SSN_DEPLOY_WORKER_TIMEOUT", "120"))
@@ -82,7 +134,8 @@ def run_blocks(
 
     A task returns its block's voxel count, or a payload that ``consume`` takes in (on the
     client, as results arrive) and turns into the voxel count; or an
-    :class:`SsnDeployError`, which is raised here so that workers log no traceback. A lost
+    :class:`SsnDeployError`, which is raised here so that workers log no traceback (a
+    storage error, e.g. a full disk, is returned the same way by :func:`_run`). A lost
     worker's blocks are rescheduled by dask; with no worker at all for ``worker_timeout``
     seconds (default :data:`WORKER_TIMEOUT`, env ``SSN_DEPLOY_WORKER_TIMEOUT``) the run stops
     with :class:`ClusterLostError` (finished blocks are kept: ``--resume`` continues).
@@ -91,9 +144,11 @@ def run_blocks(
     from tqdm import tqdm
 
     timeout = WORKER_TIMEOUT if worker_timeout is None else worker_timeout
-    in_flight = as_completed()
-    for block in take(pending, limit):
-        in_flight.add(client.submit(task, block, pure=False))
+    in_flight = as_completed(loop=client.loop)  # not the default client's: it may be another
+    # a cluster whose workers have not joined yet has no threads: still submit (and wait for
+    # them), or no block would run and the output would be left all zeros
+    for block in take(pending, max(1, limit)):
+        in_flight.add(client.submit(_run, task, block, pure=False))
     voxels, start = 0, time.perf_counter()
     alone_since: float | None = None
     last_check = 0.0
@@ -119,7 +174,7 @@ def run_blocks(
             for future in done:
                 try:
                     result = future.result()
-                    if isinstance(result, SsnDeployError):
+                    if isinstance(result, SsnDeployError | OSError):
                         raise result
                 except BaseException:
                     client.cancel(list(in_flight.futures))
@@ -128,7 +183,20 @@ def run_blocks(
                 bar.update()
                 bar.set_postfix_str(f"{voxels / (time.perf_counter() - start) / 1e6:.2f} MVox/s")
                 for block in take(pending, 1):
-                    in_flight.add(client.submit(task, block, pure=False))
+                    in_flight.add(client.submit(_run, task, block, pure=False))
+
+
+def _run(task: Callable[[Block], Any], block: Block) -> Any:
+    """One block on a worker. A storage error (a full disk, a read-only directory) is returned,
+    not raised, so that the worker logs no traceback and the client says it in one line."""
+    from ssn_deploy.storage import write_error
+
+    try:
+        return task(block)
+    except OSError as exc:
+        if write_error(exc) is None:
+            raise
+        return exc
 
 
 def take(blocks: Iterator[Block], n: int) -> list[Block]:

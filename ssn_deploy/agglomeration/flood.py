@@ -1,0 +1,121 @@
+"""Seeded watershed by flooding with a bucket queue, compiled by numba.
+
+Why not ``skimage.segmentation.watershed``: its binary heap made the watershed ~90 % of the
+fragment stage (9 s of 10 s on the 7.8 MVox test region, one core). The boundary map comes from
+affinities stored as uint8, so it takes about a thousand distinct values; a bucket queue
+(one FIFO per value) pops in the same (value, insertion) order as skimage's (value, age) heap
+at O(1) per voxel. Values become ranks first (:func:`flood_levels`), exact up to
+:data:`MAX_LEVELS` distinct values (uint8 affinities); maps with more (float32 affinities) are
+quantised, which only ties voxels closer than 1/:data:`MAX_LEVELS` of the map's range.
+
+Semantics (as skimage 0.26 with ``connectivity=1``): seeds flood their face-neighbours in order
+of increasing value, where a voxel's value is raised to that of the voxel that reached it (the
+flood never descends); a voxel takes the label of the voxel that reached it first. The only
+difference from skimage: seeds of equal value start in raster order, not in its heap's order.
+``benchmarks/postprocess.py`` measures speed and VOI against skimage on real affinities.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+MAX_LEVELS = 65536
+
+
+def flood_levels(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """``values`` → uint16 levels that preserve their order, and the number of levels.
+
+    Exact (each distinct value its own level) up to :data:`MAX_LEVELS` distinct values; above
+    that, :data:`MAX_LEVELS` equal steps from the minimum to the maximum. Exactness matters:
+    rounding the last bits of a boundary map from uint8 affinities (1 − mean, 1,081 distinct
+    floats for 766 sums) into ties changed which fragment claims boundary voxels enough to move
+    the test region's VOI by 0.05.
+    """
+    unique = np.unique(values)
+    if not (np.isfinite(unique[0]) and np.isfinite(unique[-1])):
+        raise ValueError("the flooded map holds NaN or infinite values")
+    if len(unique) <= MAX_LEVELS:
+        return np.searchsorted(unique, values).astype(np.uint16), len(unique)
+    lo, hi = float(unique[0]), float(unique[-1])
+    scaled = (np.asarray(values, np.float64) - lo) * ((MAX_LEVELS - 1) / (hi - lo))
+    return np.rint(scaled).astype(np.uint16), MAX_LEVELS
+
+
+def seeded_watershed(values: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Labels (the dtype of ``seeds``) flooding the whole array from ``seeds`` (> 0) over
+    ``values`` (any real dtype, 1–3 dimensions, face connectivity)."""
+    if values.shape != seeds.shape:
+        raise ValueError(f"values {values.shape} and seeds {seeds.shape} differ in shape")
+    if np.prod([n + 2 for n in values.shape]) >= 2**31:
+        raise ValueError(f"{values.shape} is too large to flood at once: flood it in tiles")
+    levels, n_levels = flood_levels(values)
+    shape3 = (1,) * (3 - values.ndim) + values.shape
+    padded = np.pad(levels.reshape(shape3), 1)
+    labels = np.pad(seeds.reshape(shape3).astype(np.int64), 1, constant_values=-1)  # border
+    sy, sx = padded.shape[1] * padded.shape[2], padded.shape[2]
+    steps = np.array([-sy, -sx, -1, 1, sx, sy], dtype=np.int64)
+    _flood(padded.ravel(), labels.ravel(), steps, n_levels)
+    inner = labels[1:-1, 1:-1, 1:-1].reshape(values.shape)
+    return inner.astype(seeds.dtype, copy=False)
+
+
+@numba.njit(nogil=True, cache=True)
+def _flood(levels, labels, steps, n_levels):  # pragma: no cover - compiled
+    """In place: ``labels`` 0 = unlabelled, -1 = border, > 0 = seed or flooded label.
+
+    Seeds enter first, at their own level, in raster order; voxels leave the queue by level
+    and, within a level, in the order they entered. A voxel enters at max(its level, the level
+    being flooded): the flood never goes down (as in skimage), so the level only rises. Future
+    levels are linked lists through ``nxt``; the level being flooded, where most voxels go,
+    also has a contiguous FIFO (``ring``) for those that arrive while it is flooded, drained
+    after its list (they arrived later): 1.7× faster than lists alone, same order.
+    """
+    n = labels.shape[0]
+    head = np.full(n_levels, -1, np.int64)
+    tail = np.full(n_levels, -1, np.int64)
+    nxt = np.empty(n, np.int32)  # flooded arrays are tiles: far below 2**31 voxels
+    ring = np.empty(n, np.int32)  # every voxel enters the queue at most once
+    for v in np.flatnonzero(labels > 0):
+        _append(v, levels[v], head, tail, nxt)
+    current = 0
+    while True:
+        while current < n_levels and head[current] == -1:
+            current += 1
+        if current == n_levels:
+            return
+        first = 0
+        end = 0
+        while True:
+            if head[current] != -1:
+                v = head[current]
+                head[current] = nxt[v]
+                if head[current] == -1:
+                    tail[current] = -1
+            elif first < end:
+                v = ring[first]
+                first += 1
+            else:
+                break
+            label = labels[v]
+            for k in range(steps.shape[0]):
+                j = v + steps[k]
+                if labels[j] != 0:
+                    continue
+                labels[j] = label
+                if levels[j] <= current:
+                    ring[end] = j
+                    end += 1
+                else:
+                    _append(j, levels[j], head, tail, nxt)
+
+
+@numba.njit(nogil=True, inline="always")
+def _append(v, level, head, tail, nxt):  # pragma: no cover - compiled
+    """Append ``v`` to the linked list of ``level``."""
+    nxt[v] = -1
+    if tail[level] == -1:
+        head[level] = v
+    else:
+        nxt[tail[level]] = v
+    tail[level] = v

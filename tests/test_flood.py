@@ -1,0 +1,57 @@
+"""The compiled seeded watershed (agglomeration/flood.py) against skimage's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.segmentation import watershed
+
+from ssn_deploy.agglomeration.flood import MAX_LEVELS, flood_levels, seeded_watershed
+
+
+def random_case(rng: np.random.Generator, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    shape = tuple(int(n) for n in rng.integers(1, 9, ndim))
+    image = rng.integers(0, 4, shape).astype(np.float32)  # many ties: plateaus everywhere
+    k = min(4, image.size)
+    where = rng.choice(image.size, k, replace=False)
+    image.flat[where] = 10 + np.arange(k)  # seeds of distinct values
+    seeds = np.zeros(shape, np.int32)
+    seeds.flat[where] = np.arange(1, k + 1)
+    return image, seeds
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_equals_skimage_when_seed_values_differ(ndim: int) -> None:
+    """Same order (value raised along the flood, ties by arrival) as skimage; only the order
+    of seeds of equal value may differ, so with distinct seed values the labels are equal."""
+    rng = np.random.default_rng(ndim)
+    for _ in range(300):
+        image, seeds = random_case(rng, ndim)
+        np.testing.assert_array_equal(
+            seeded_watershed(image, seeds), watershed(image, markers=seeds)
+        )
+
+
+def test_floods_everything_from_every_seed_and_keeps_the_dtype() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 20, 30)).astype(np.float32)
+    seeds = np.zeros(image.shape, np.uint64)
+    seeds[0, 0, 0], seeds[5, 19, 29], seeds[3, 10, 15] = 7, 9, 11
+    labels = seeded_watershed(image, seeds)
+    assert labels.dtype == np.uint64 and labels.shape == image.shape
+    assert set(np.unique(labels)) == {7, 9, 11}
+    assert (labels[seeds > 0] == seeds[seeds > 0]).all()
+
+
+def test_levels_preserve_order_exactly_or_quantise_beyond_the_limit() -> None:
+    values = np.array([0.3, 0.1, 0.1 + 1e-7, 0.9, 0.3], np.float32)
+    levels, n = flood_levels(values)
+    assert n == 4 and levels.tolist() == [2, 0, 1, 3, 2]  # a float a few ulps apart stays apart
+    many = np.linspace(0, 1, MAX_LEVELS + 10, dtype=np.float64)
+    levels, n = flood_levels(many)
+    assert n == MAX_LEVELS and levels[0] == 0 and levels[-1] == MAX_LEVELS - 1
+    assert (np.diff(levels.astype(int)) >= 0).all()
+    with pytest.raises(ValueError, match="NaN"):
+        flood_levels(np.array([0.1, np.nan], np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        seeded_watershed(np.zeros((3, 3)), np.zeros((3, 4), np.int32))
