@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ssn_deploy import __version__
-from ssn_deploy.errors import SsnDeployError
+from ssn_deploy.errors import SsnDeployError, StorageError
 
 log = logging.getLogger("ssn_deploy")
 
@@ -29,7 +29,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SsnDeployError as exc:
             click.echo(f"error: {exc}", err=True)
-            _drop_pending_writes()
+            if isinstance(exc, StorageError):
+                _drop_pending_writes()
             sys.exit(1)
         except OSError as exc:
             if write_error(exc) is None:
@@ -128,7 +129,9 @@ def convert(
       PATH.zarr[:NODE]    zarr v3/v2 array or OME-Zarr group (also memory://, s3:// URLs)
       PATH.n5:DATASET     N5
       STACK.tif           multi-page TIFF, or a directory of 2D TIFF sections
-    DST is PATH.zarr (or PATH.zarr:NODE). Voxel size and offset are carried over.
+    DST is PATH.zarr (or PATH.zarr:NODE). Voxel size and offset are carried over. DST's
+    directory must be writable and hold DST (SSN_DEPLOY_SPACE_CHECK=0 skips the space check);
+    an interrupted copy is marked incomplete until it is run again with --overwrite.
 
     Example: ssn-deploy convert data.hdf:volumes/raw raw.zarr
     """
@@ -714,7 +717,10 @@ def infer(
     Writes OUT.zarr with arrays affinities (C,Z,Y,X uint8 x255), fragments and segmentation
     (uint64, 0 = none), each with provenance attributes, plus OUT.preview.png. Blocks are
     processed by dask (in-process by default, --scheduler for a cluster) and recorded when
-    done, so --resume continues a killed run.
+    done, so --resume continues a killed run (or one stopped by a full disk). Before any
+    block, OUT's directory must be writable and have room for OUT (SSN_DEPLOY_SPACE_CHECK=0
+    skips the space check) and, with --scheduler, every worker must see VOLUME and OUT's
+    directory by the same absolute paths.
 
     Example: ssn-deploy sample demo && ssn-deploy infer demo/raw.zarr -o demo/seg.zarr
 

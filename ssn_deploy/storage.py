@@ -39,7 +39,7 @@ WRITE_ERRORS = {
 """Errors of the storage, not of the program: said in one line, never as a traceback."""
 
 MIN_RATIO_INTENSITY = 2.0
-"""zstd stores raw EM and uint8 affinities at no better than this (measured 1.1-1.7x on the
+"""zstd stores raw EM and uint8 affinities at no better than this (measured 1.1-1.8x on the
 bundled demo, fib_medulla_250 and vnc outputs), so size / 2 is a lower bound of what they need."""
 MIN_RATIO_LABELS = 128.0
 """uint32/uint64 label images compress far better (measured 36-116x on the same outputs)."""

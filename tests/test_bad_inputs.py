@@ -115,6 +115,7 @@ CASES = [
     Case("convert", "voxel size nan", lambda w: ["convert", w / "raw.hdf:volumes/raw", w / "o6.zarr", "--voxel-size", "nan,1,1"], "positive"),
     Case("convert", "ROI outside the volume", lambda w: ["convert", w / R, w / "o7.zarr", "--roi", "0:10,0:10,60:90"], "outside the volume"),
     Case("convert", "output is the input", lambda w: ["convert", w / R, w / R, "--overwrite"], "overlaps the input"),
+    Case("convert", "output under a file", lambda w: ["convert", w / R, w / "gt.json" / "o8.zarr"], "not a directory"),
     # infer
     Case("infer", "volume missing", lambda w: ["infer", w / "nope.zarr", "-o", w / "i1.zarr"], "no such"),
     Case("infer", "empty directory as volume", lambda w: ["infer", w / "empty.zarr", "-o", w / "i2.zarr"], "empty.zarr"),
@@ -129,6 +130,8 @@ CASES = [
     Case("infer", "patch shape off the model's granularity", lambda w: ["infer", w / R, "-o", w / "i11.zarr", "--model", w / "tiny.ckpt", "--patch-shape", "31,64,64"], "granularity"),
     Case("infer", "--workers 0", lambda w: ["infer", w / R, "-o", w / "i12.zarr", "--workers", "0"], "--workers"),
     Case("infer", "unreachable scheduler", lambda w: ["infer", w / R, "-o", w / "i13.zarr", "--model", w / "tiny.ckpt", "--scheduler", "tcp://127.0.0.1:9"], "scheduler"),
+    Case("infer", "scheduler that is not an address", lambda w: ["infer", w / R, "-o", w / "i20.zarr", "--model", "intensity", "--scheduler", "foo"], "scheduler"),
+    Case("infer", "output under a file", lambda w: ["infer", w / R, "-o", w / "gt.json" / "i21.zarr", "--model", "intensity"], "not a directory"),
     Case("infer", "model file missing", lambda w: ["infer", w / R, "-o", w / "i14.zarr", "--model", w / "nope.ckpt"], "nope.ckpt"),
     Case("infer", "checkpoint that runs code when unpickled", lambda w: ["infer", w / R, "-o", w / "i15.zarr", "--model", w / "evil.ckpt"], "evil.ckpt"),
     Case("infer", "checkpoint that is not one", lambda w: ["infer", w / R, "-o", w / "i16.zarr", "--model", w / "garbage.ckpt"], "garbage.ckpt"),
@@ -143,12 +146,15 @@ CASES = [
     Case("segment", "two channels for three offsets", lambda w: ["segment", w / "affs2.zarr", "-o", w / "s3.zarr"], "offsets"),
     Case("segment", "threshold -1", lambda w: ["segment", w / "affs.zarr", "-o", w / "s4.zarr", "--threshold", "-1"], "threshold"),
     Case("segment", "output inside the affinities", lambda w: ["segment", w / "affs.zarr", "-o", w / "affs.zarr", "--overwrite"], "which this command reads"),
+    Case("segment", "output under a file", lambda w: ["segment", w / "affs.zarr", "-o", w / "gt.json" / "s5.zarr"], "not a directory"),
+    Case("segment", "scheduler that is not an address", lambda w: ["segment", w / "affs.zarr", "-o", w / "s6.zarr", "--scheduler", "foo"], "scheduler"),
     # evaluate
     Case("evaluate", "shapes differ", lambda w: ["evaluate", w / "labels.zarr", w / "labels_small.zarr"], "shape"),
     Case("evaluate", "float labels", lambda w: ["evaluate", w / "labels_float.zarr", w / "labels.zarr"], "integer"),
     Case("evaluate", "ground truth missing", lambda w: ["evaluate", w / "labels.zarr", w / "nope.zarr"], "no such"),
     Case("evaluate", "--output onto the ground truth", lambda w: ["evaluate", w / "labels.zarr", w / "labels.zarr", "--output", w / "labels.zarr/zarr.json", "--overwrite"], "which this command reads"),
     Case("evaluate", "--output exists", lambda w: ["evaluate", w / "labels.zarr", w / "labels.zarr", "--output", w / "gt.json"], "--overwrite"),
+    Case("evaluate", "--output under a file", lambda w: ["evaluate", w / "labels.zarr", w / "labels.zarr", "--output", w / "gt.json" / "report.json"], "not a directory"),
     # train
     Case("train", "config missing", lambda w: ["train", w / "nope.yaml", "-o", w / "t1"], "nope.yaml"),
     Case("train", "config that is not YAML", lambda w: ["train", w / "notyaml.yaml", "-o", w / "t2"], "notyaml.yaml"),
@@ -156,10 +162,12 @@ CASES = [
     Case("train", "training data overlaps the test region", lambda w: ["train", w / "overlap.yaml", "-o", w / "t4"], "test"),
     Case("train", "crop off the model's granularity", lambda w: ["train", w / "crop.yaml", "-o", w / "t5"], "granularity"),
     Case("train", "run directory exists", lambda w: ["train", w / "good.yaml", "-o", w / "run"], "--resume"),
+    Case("train", "run directory under a file", lambda w: ["train", w / "good.yaml", "-o", w / "gt.json" / "t6"], "not a directory"),
     # export
     Case("export", "checkpoint missing", lambda w: ["export", w / "nope.ckpt", "-o", w / "e1"], "nope.ckpt"),
     Case("export", "checkpoint that runs code when unpickled", lambda w: ["export", w / "evil.ckpt", "-o", w / "e2"], "evil.ckpt"),
     Case("export", "TensorRT without TensorRT", lambda w: ["export", w / "tiny.ckpt", "-o", w / "e3", "--format", "tensorrt"], "tensorrt"),
+    Case("export", "output directory under a file", lambda w: ["export", w / "tiny.ckpt", "-o", w / "gt.json" / "e4"], "not a directory"),
     # pretrain
     Case("pretrain", "2D volume", lambda w: ["pretrain", w / "flat.zarr", "-o", w / "p1"], "3D"),
     Case("pretrain", "volumes of two voxel sizes", lambda w: ["pretrain", w / R, w / "aniso.zarr", "-o", w / "p2", "--crop", "16,32,32"], "voxel size"),

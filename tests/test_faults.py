@@ -155,6 +155,21 @@ def test_kill_9_in_a_stage_then_resume_is_bit_identical(
     assert_identical(w / "ref.zarr", out)
 
 
+def test_resume_with_the_output_spelled_another_way_is_bit_identical(
+    w: Path, inputs: dict, tmp_path: Path
+) -> None:
+    """Killed in the segmentation stage with a relative output path, resumed with the absolute
+    one (as ``--scheduler`` makes it): same output, not a refusal over its spelling."""
+    killed = run(
+        ["infer", w / "raw.zarr", "-o", "out.zarr", *INFER],
+        STAGE_KILLS["segmentation: block written, not yet marked"],
+        tmp_path,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ok(cli(["infer", w / "raw.zarr", "-o", tmp_path / "out.zarr", *INFER, "--resume"]))
+    assert_identical(w / "ref.zarr", tmp_path / "out.zarr")
+
+
 def test_kill_9_from_outside_while_affinities_are_written(
     w: Path, inputs: dict, tmp_path: Path
 ) -> None:

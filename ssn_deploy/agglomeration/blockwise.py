@@ -51,7 +51,13 @@ from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.scheduling import dask_client, run_blocks
 from ssn_deploy.outputs import finish_stage
 from ssn_deploy.provenance import RUN_KEYS, model_provenance, run_provenance
-from ssn_deploy.volumes import Volume, create_volume, open_volume, refuse_overlap
+from ssn_deploy.volumes import (
+    Volume,
+    create_volume,
+    open_volume,
+    refuse_overlap,
+    resolved_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +308,7 @@ def segment_blockwise(
     provenance = {
         **run_provenance(),  # version, created (UTC), argv
         **model_provenance(affs.attrs),
-        "source": affs.spec,
+        "source": resolved_spec(affs.spec),  # one spelling: relative, absolute or via --scheduler
         "offsets": [list(o) for o in offsets],
         "block_shape": list(grid.block_shape),
         "fragment_tile": list(tiles.block_shape),
@@ -359,7 +365,7 @@ def segment_blockwise(
             "stage": "segmentation",
             "threshold": threshold,
             "merge_function": "aff50_his256",
-            "fragments": frags.spec,
+            "fragments": resolved_spec(frags.spec),
         }
         seg, seg_markers = _blockwise_output(
             segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite

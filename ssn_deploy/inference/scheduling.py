@@ -150,40 +150,62 @@ def run_blocks(
     for block in take(pending, max(1, limit)):
         in_flight.add(client.submit(_run, task, block, pure=False))
     voxels, start = 0, time.perf_counter()
-    alone_since: float | None = None
-    last_check = 0.0
+    watchdog = _Watchdog(client, timeout)
     with tqdm(total=total, initial=finished, desc=desc, unit="block", disable=not progress) as bar:
-        while not in_flight.is_empty():
-            done = in_flight.next_batch(block=False)
-            if not done:
-                now = time.perf_counter()
-                if now - last_check > 1.0:
-                    last_check = now
-                    if _workers(client):
-                        alone_since = None
-                    elif alone_since is None:
-                        alone_since = now
-                    elif now - alone_since > timeout:
-                        client.cancel(list(in_flight.futures))
-                        raise ClusterLostError(
-                            f"no dask worker has been alive for {timeout:.0f} s; finished blocks "
-                            "are kept: start workers and rerun with --resume"
-                        )
-                time.sleep(POLL)
-                continue
-            for future in done:
-                try:
-                    result = future.result()
+        try:
+            while not in_flight.is_empty():
+                done = in_flight.next_batch(block=False)
+                if not done:
+                    watchdog.check()
+                    time.sleep(POLL)
+                    continue
+                for future in done:
+                    result = _result(future, watchdog)
                     if isinstance(result, SsnDeployError | OSError):
                         raise result
-                except BaseException:
-                    client.cancel(list(in_flight.futures))
-                    raise
-                voxels += consume(result)
-                bar.update()
-                bar.set_postfix_str(f"{voxels / (time.perf_counter() - start) / 1e6:.2f} MVox/s")
-                for block in take(pending, 1):
-                    in_flight.add(client.submit(_run, task, block, pure=False))
+                    voxels += consume(result)
+                    bar.update()
+                    rate = voxels / (time.perf_counter() - start) / 1e6
+                    bar.set_postfix_str(f"{rate:.2f} MVox/s")
+                    for block in take(pending, 1):
+                        in_flight.add(client.submit(_run, task, block, pure=False))
+        except BaseException:
+            client.cancel(list(in_flight.futures))
+            raise
+
+
+class _Watchdog:
+    """Raises :class:`ClusterLostError` once no worker has been alive for ``timeout`` s."""
+
+    def __init__(self, client: Any, timeout: float) -> None:
+        self.client, self.timeout = client, timeout
+        self.alone_since: float | None = None
+        self.last_check = 0.0
+
+    def check(self) -> None:
+        now = time.perf_counter()
+        if now - self.last_check <= 1.0:
+            return
+        self.last_check = now
+        if _workers(self.client):
+            self.alone_since = None
+        elif self.alone_since is None:
+            self.alone_since = now
+        elif now - self.alone_since > self.timeout:
+            raise ClusterLostError(
+                f"no dask worker has been alive for {self.timeout:.0f} s; finished blocks "
+                "are kept: start workers and rerun with --resume"
+            )
+
+
+def _result(future: Any, watchdog: _Watchdog) -> Any:
+    """A finished task's result. It lives on the worker until gathered, so a worker lost in
+    between makes dask compute it again: wait for that under the watchdog, not forever."""
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except TimeoutError:
+            watchdog.check()
 
 
 def _run(task: Callable[[Block], Any], block: Block) -> Any:

@@ -42,7 +42,13 @@ from ssn_deploy.errors import ServingError
 PYTRITON = "nvidia-pytriton==0.7.0"
 """The wheel holding ``tritonserver`` 2.51 and its python backend."""
 NUMPY = "numpy>=1.21,<2"
-AGGLOMERATION = ("scipy==1.17.1", "scikit-image==0.26.0", "edt==3.1.2", "fastremap==1.21.0")
+AGGLOMERATION = (
+    "scipy==1.17.1",
+    "scikit-image==0.26.0",
+    "edt==3.1.2",
+    "fastremap==1.21.0",
+    "numba==0.68.1",  # the compiled watershed (agglomeration/flood.py); numpy >= 1.22
+)
 """What :mod:`ssn_deploy.agglomeration` imports (waterz only for its reference method, which the
 served models do not use), checked with numpy 1.26.4 on Python 3.11: the versions of the main
 environment, so served and local segmentations agree."""
