@@ -388,7 +388,8 @@ def effect(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Difference of means (negative: ``a`` segments better) in units of the seed noise."""
     diff = a["mean"] - b["mean"]
     spreads = [s for s in (a["std"], b["std"]) if s is not None]
-    pooled = math.sqrt(sum(s * s for s in spreads) / len(spreads)) if spreads else None
+    # seed noise only when both arms have it (≥ 2 seeds each)
+    pooled = math.sqrt(sum(s * s for s in spreads) / 2) if len(spreads) == 2 else None
     return {
         "voi_difference": diff,
         "pooled_seed_std": pooled,

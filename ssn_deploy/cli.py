@@ -12,42 +12,9 @@ from pathlib import Path
 import click
 
 from ssn_deploy import __version__
-from ssn_deploy.errors import SsnDeployError, StorageError
+from ssn_deploy.cli_base import Group, quiet_dask
 
 log = logging.getLogger("ssn_deploy")
-
-
-class _Group(click.Group):
-    """A click group that turns :class:`SsnDeployError`, a command's usage errors (a bad
-    option value, a missing argument) and storage errors (a full disk, a read-only directory)
-    into one line on stderr and exit 1."""
-
-    def invoke(self, ctx: click.Context):
-        from ssn_deploy.storage import write_error
-
-        try:
-            return super().invoke(ctx)
-        except SsnDeployError as exc:
-            click.echo(f"error: {exc}", err=True)
-            if isinstance(exc, StorageError):
-                _drop_pending_writes()
-            sys.exit(1)
-        except OSError as exc:
-            if write_error(exc) is None:
-                raise
-            click.echo(f"error: {write_error(exc)}", err=True)
-            _drop_pending_writes()
-            sys.exit(1)
-        except click.UsageError as exc:
-            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-            click.echo(f"error: {exc.format_message()}{hint}", err=True)
-            sys.exit(1)
-
-
-def _drop_pending_writes() -> None:
-    """After a failed write (a full disk), zarr's other writes of that call are still queued in
-    its event loop; exiting drops them and asyncio would log each one as an error."""
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def parse_triple(value: str | None, name: str) -> tuple[float, float, float] | None:
@@ -85,16 +52,17 @@ def parse_roi(value: str) -> tuple[slice, slice, slice]:
         raise click.BadParameter(message, param_hint="--roi") from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ssn-deploy")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Errors and results only (no progress bars).")
+def main(verbose: int, quiet: bool) -> None:
     """Neuron segmentation of EM volumes: select, train, export, infer, serve, evaluate.
 
     Volumes are named as PATH for zarr/OME-Zarr/TIFF, or FILE:DATASET for HDF5 and N5
     (e.g. ``sample.hdf:volumes/raw``). Axes are z,y,x; voxel sizes are in nm.
     """
-    level = logging.WARNING - 10 * min(verbose, 2)
+    level = logging.ERROR if quiet else logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -553,15 +521,6 @@ def _int_triple(value: str | None, name: str) -> tuple[int, int, int] | None:
 RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks are kept)"
 
 
-def _quiet_dask(verbose: int) -> None:
-    """dask logs INFO on its own; keep it quiet unless the user asked for -vv."""
-    if verbose < 2:
-        import distributed  # noqa: F401  (it sets its own log levels on import)
-
-        for name in ("distributed", "dask"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
 @main.command()
 @click.argument("volume")
 @click.option(
@@ -729,7 +688,7 @@ def infer(
     from ssn_deploy.pipeline import infer as run_infer
     from ssn_deploy.storage import storage_errors
 
-    _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    quiet_dask(ctx)
     out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
     with storage_errors(out, RESUME_AFTER_STORAGE_ERROR):
         result = run_infer(
@@ -840,7 +799,7 @@ def segment(
     from ssn_deploy.storage import absolute_spec, storage_errors
     from ssn_deploy.volumes import open_volume
 
-    _quiet_dask(ctx.parent.params.get("verbose", 0) if ctx.parent else 0)
+    quiet_dask(ctx)
     if scheduler is not None:  # workers open the volumes by these names
         affinities, output = absolute_spec(affinities), absolute_spec(output)
     affs = open_volume(affinities)

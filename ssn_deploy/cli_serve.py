@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import click
 
+from ssn_deploy.cli_base import Group
+
 DEFAULT_MODEL = "default"
 
 
@@ -37,7 +39,7 @@ def _onnx_path(model: str) -> str:
     return model
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def serve() -> None:
     """Serve the model with NVIDIA Triton Inference Server.
 
