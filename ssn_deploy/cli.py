@@ -5,6 +5,7 @@ Library imports happen inside each command so that ``--help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -216,8 +217,6 @@ def evaluate(
     Example:
       ssn-deploy evaluate seg.zarr gt.hdf:volumes/labels/neuron_ids --ignore-id 135478
     """
-    import json
-
     from ssn_deploy.errors import OutputExistsError
     from ssn_deploy.metrics import evaluate as evaluate_volumes
     from ssn_deploy.storage import check_writable
@@ -641,6 +640,9 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--no-preview", is_flag=True, help="Do not write the PNG preview.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Paths, geometry and timings as JSON on stdout."
+)
 @click.pass_context
 def infer(
     ctx: click.Context,
@@ -670,6 +672,7 @@ def infer(
     overwrite: bool,
     no_progress: bool,
     no_preview: bool,
+    as_json: bool,
 ) -> None:
     """Segment neurons in VOLUME (uint8 raw, z,y,x): affinities, fragments, segmentation.
 
@@ -721,11 +724,14 @@ def infer(
             triton_timeout=triton_timeout,
         )
     seconds = sum(result["timings"].values())
+    rate = result["voxels"] / seconds / 1e6
+    if as_json:  # for pipelines: paths, geometry, timings, one object on stdout
+        click.echo(json.dumps(result | {"seconds": seconds, "mvox_per_s": rate}, default=str))
+        return
     click.echo(f"segmentation: {result['segmentation']}")
     click.echo(f"affinities:   {result['affinities']}")
     if "preview" in result:
         click.echo(f"preview:      {result['preview']}")
-    rate = result["voxels"] / seconds / 1e6
     click.echo(f"{result['voxels']:,} voxels in {seconds:.1f} s ({rate:.2f} MVox/s)")
 
 
@@ -951,7 +957,8 @@ def export(
 @main.command()
 @click.argument("output")
 @click.option("--dry-run", is_flag=True, help="Only report; leave the markers as they are.")
-def verify(output: str, dry_run: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+def verify(output: str, dry_run: bool, as_json: bool) -> None:
     """Check every finished block of OUTPUT (an infer or segment output, OUT.zarr) against the
     checksum it was marked with, and unmark damaged blocks so that `--resume` recomputes only
     those. Exit status 1 when damage was found.
@@ -960,11 +967,15 @@ def verify(output: str, dry_run: bool) -> None:
 
     report = verify_output(output, repair=not dry_run)
     damaged = 0
+    if as_json:
+        click.echo(json.dumps(report, default=str))
     for stage, r in report.items():
+        damaged += len(r["damaged"])
+        if as_json:
+            continue
         note = "" if r["checked"] else " (written before checksums: not checked)"
         click.echo(f"{stage}: {r['finished']}/{r['blocks']} blocks finished, "
                    f"{len(r['damaged'])} damaged {r['damaged'][:20]}{note}")  # fmt: skip
-        damaged += len(r["damaged"])
     if damaged:
         action = "reported" if dry_run else "unmarked: rerun the same command with --resume"
         click.echo(f"error: {damaged} damaged block(s) {action}", err=True)

@@ -65,3 +65,22 @@ def test_quiet_turns_progress_off() -> None:
         assert seen["no_progress"] is False
     finally:
         main.commands.pop("probe-quiet")
+
+
+def test_infer_and_verify_print_json_for_pipelines(tmp_path) -> None:
+    import json
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["sample", str(tmp_path / "s"), "-q"]).exit_code == 0
+    out = tmp_path / "o.zarr"
+    result = runner.invoke(main, ["infer", str(tmp_path / "s" / "raw.zarr"), "-o", str(out),
+                                  "--model", "intensity", "--json", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["voxels"] == 80 * 160 * 160 and report["seconds"] > 0
+    assert set(report["timings"]) == {"affinities_s", "segmentation_s"}
+    checked = runner.invoke(main, ["verify", str(out), "--json"])
+    assert checked.exit_code == 0, checked.output
+    stages = json.loads(checked.stdout)
+    assert set(stages) == {"affinities", "fragments", "segmentation"}
+    assert all(not r["damaged"] and r["finished"] == r["blocks"] for r in stages.values())
