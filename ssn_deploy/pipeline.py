@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from ssn_deploy.storage import (
     absolute_spec,
     check_free_space,
     check_writable,
+    exists,
     remove_temporaries,
     stored_bytes,
 )
@@ -195,20 +195,20 @@ def default_geometry(
     return Geometry(block, tile, patch, margin, (0, 0, 0))  # type: ignore[arg-type]
 
 
-def preview_path(out: str) -> Path:
-    """``seg.zarr`` → ``seg.preview.png`` beside it."""
-    return Path(out.removesuffix("/").removesuffix(".zarr") + ".preview.png")
+def preview_path(out: str) -> str:
+    """``seg.zarr`` → ``seg.preview.png`` beside it (a path, or a URL beside a URL)."""
+    return out.removesuffix("/").removesuffix(".zarr") + ".preview.png"
 
 
 def _refuse_existing(out: str, resume: bool, overwrite: bool, preview: bool = False) -> None:
     if resume and overwrite:
         raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
-    if os.path.exists(out) and not (resume or overwrite):
+    if exists(out) and not (resume or overwrite):
         raise OutputExistsError(
             f"{out} already exists; pass --resume to continue it or --overwrite to replace it"
         )
     png = preview_path(out)
-    if preview and png.exists() and not (resume or overwrite):
+    if preview and exists(png) and not (resume or overwrite):
         raise OutputExistsError(
             f"{png} already exists; pass --overwrite to replace it, or --no-preview"
         )

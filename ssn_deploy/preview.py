@@ -32,7 +32,7 @@ def write_preview(
     *,
     sections: Sequence[int] | None = None,
     title: str = "",
-) -> Path:
+) -> str | Path:
     """Write a grid of panels (rows: sections; columns: raw, affinities, overlay) as PNG."""
     import matplotlib
 
@@ -73,7 +73,15 @@ def write_preview(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
+    if "://" in str(path) and not str(path).startswith("file://"):  # through fsspec
+        from ssn_deploy.volumes import url_filesystem
+
+        fs, inner = url_filesystem(str(path))
+        with fs.open(inner, "wb") as f:
+            fig.savefig(f, dpi=80, format="png")
+        plt.close(fig)
+        return path
+    path = Path(str(path).removeprefix("file://"))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

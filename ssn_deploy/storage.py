@@ -51,6 +51,16 @@ def is_local(spec: str | os.PathLike) -> bool:
     return "://" not in str(spec).removeprefix("file://")
 
 
+def exists(spec: str | os.PathLike) -> bool:
+    """Whether a local path or an fsspec URL (``s3://``, ``memory://``, ``file://``) exists."""
+    if is_local(spec):
+        return on_disk(spec).exists() if str(spec).startswith("file://") else os.path.exists(spec)
+    from ssn_deploy.volumes import url_filesystem
+
+    fs, path = url_filesystem(str(spec))
+    return bool(fs.exists(path))
+
+
 def on_disk(spec: str | os.PathLike) -> Path:
     """The file or directory a spec is stored in (``x.zarr/labels/seg`` → ``x.zarr``)."""
     text = str(spec).removeprefix("file://")

@@ -474,13 +474,33 @@ def _zarr_store(container: str) -> str:
     return container
 
 
+REMOTE_EXTRA = "pip install 'ssn-deploy[remote]' (s3fs, gcsfs)"
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it; a missing filesystem package (s3fs
+    for ``s3://``, gcsfs for ``gs://``) is one line saying what to install."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise InvalidInputError(f"{url}: {_missing_package(exc)}") from None
+
+
+def _missing_package(exc: ImportError) -> str:
+    # fsspec says "Install s3fs to access S3"
+    what = exc.name or re.sub(r"^Install\s+", "", str(exc).strip().rstrip(".")) or "a package"
+    return f"opening this URL needs {what}: {REMOTE_EXTRA}"
+
+
 def _open_zarr_node(container: str, inner: str, mode: str) -> Any:
     import zarr
 
     try:
         return zarr.open(_zarr_store(container), mode=mode, path=inner or None)
     except ImportError as exc:
-        raise InvalidInputError(f"{container}: opening this URL needs {exc.name}") from exc
+        raise InvalidInputError(f"{container}: {_missing_package(exc)}") from None
     except FileNotFoundError:  # zarr's NodeNotFoundError: the callers list what exists
         raise
     except (ValueError, TypeError, KeyError) as exc:  # zarr.json that is not valid metadata
