@@ -956,6 +956,35 @@ def export(
 
 @main.command()
 @click.argument("output")
+@click.argument("raw", required=False)
+@click.option(
+    "--bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to serve on (0.0.0.0 exposes the data to the network).",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port [default: a free one].")  # fmt: skip
+def view(output: str, raw: str | None, bind: str, port: int) -> None:
+    """Browse OUTPUT (an infer output, OUT.zarr) in neuroglancer: raw (RAW, else the volume
+    infer recorded), affinities, segmentation and fragments at the right voxel size. Prints
+    the URL to open and serves until Ctrl-C. Needs `pip install 'ssn-deploy[view]'`."""
+    import time
+
+    from ssn_deploy.view import open_viewer
+
+    viewer = open_viewer(output, raw, bind=bind, port=port)
+    click.echo(f"neuroglancer: {viewer}")
+    click.echo("serving until Ctrl-C", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("output")
 @click.option("--dry-run", is_flag=True, help="Only report; leave the markers as they are.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 def verify(output: str, dry_run: bool, as_json: bool) -> None:
