@@ -954,6 +954,31 @@ def export(
 # --- verify
 
 
+@main.command("export-precomputed")
+@click.argument("volume")
+@click.argument("destination")
+@click.option(
+    "--layer-type",
+    type=click.Choice(["auto", "image", "segmentation"]),
+    default="auto",
+    show_default=True,
+    help="auto: segmentation for integer ids wider than a byte, else image.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a precomputed volume at DESTINATION.")
+def export_precomputed_command(volume: str, destination: str, layer_type: str,
+                               overwrite: bool) -> None:  # fmt: skip
+    """Copy VOLUME (e.g. OUT.zarr/segmentation) to Neuroglancer precomputed at DESTINATION (a
+    folder, or a gs:// or s3:// URL), for viewers and proofreading tools that read that format;
+    segmentations use compressed_segmentation encoding."""
+    from ssn_deploy.precomputed import export_precomputed
+    from ssn_deploy.volumes import refuse_overlap
+
+    refuse_overlap(destination, [volume])
+    info = export_precomputed(volume, destination, layer_type=layer_type, overwrite=overwrite)
+    click.echo(f"wrote {info['type']} {info['size']} (x,y,z) at {info['resolution']} nm "
+               f"to {destination}")  # fmt: skip
+
+
 @main.command()
 @click.argument("output")
 @click.argument("raw", required=False)

@@ -57,3 +57,25 @@ def test_view_without_outputs_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.zarr").mkdir()
     result = CliRunner().invoke(main, ["view", str(tmp_path / "empty.zarr")])
     assert result.exit_code == 1 and result.output.startswith("error:")
+
+
+def test_export_precomputed_round_trips_labels_and_images(output: Path, tmp_path: Path) -> None:
+    import tensorstore as ts
+
+    runner = CliRunner()
+    for name, kind in (("segmentation", "segmentation"), ("affinities", "image")):
+        dest = tmp_path / name
+        done = runner.invoke(main, ["export-precomputed", str(output / "o.zarr" / name), str(dest)])
+        assert done.exit_code == 0, done.output
+        info = json.loads((dest / "info").read_text())
+        assert info["type"] == kind and info["scales"][0]["resolution"] == [10.0, 10.0, 10.0]
+        stored = open_volume(str(output / "o.zarr" / name))
+        back = ts.open({"driver": "neuroglancer_precomputed",
+                        "kvstore": {"driver": "file", "path": str(dest)}}).result()  # fmt: skip
+        data = np.asarray(back[...].read().result())  # x, y, z, channel
+        expected = np.asarray(stored[:])
+        expected = expected[None] if expected.ndim == 3 else expected
+        assert np.array_equal(np.transpose(data, (3, 2, 1, 0)), expected)
+    again = runner.invoke(main, ["export-precomputed", str(output / "o.zarr" / "segmentation"),
+                                 str(tmp_path / "segmentation")])  # fmt: skip
+    assert again.exit_code == 1 and "--overwrite" in again.output
