@@ -88,15 +88,32 @@ class Group(click.Group):
                 drop_pending_writes()
             sys.exit(1)
         except OSError as exc:
-            if write_error(exc) is None:
+            message = write_error(exc)
+            if message is None and isinstance(exc, FileNotFoundError | PermissionError):
+                message = str(exc) or type(exc).__name__  # e.g. a bucket that does not exist
+            if message is None:
                 raise
-            click.echo(f"error: {write_error(exc)}", err=True)
+            click.echo(f"error: {message}", err=True)
             drop_pending_writes()
             sys.exit(1)
         except click.UsageError as exc:
             hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(1)
+        except Exception as exc:
+            if not type(exc).__module__.startswith(REMOTE_ERROR_MODULES):
+                raise
+            click.echo(f"error: remote storage: {exc} ({REMOTE_CREDENTIALS})", err=True)
+            sys.exit(1)
+
+
+REMOTE_ERROR_MODULES = ("botocore", "aiobotocore", "google.auth", "gcsfs")
+"""Errors of the object-store clients (no credentials, access denied) are the user's to fix."""
+REMOTE_CREDENTIALS = (
+    "credentials come from the client's environment: AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+    "AWS_SECRET_ACCESS_KEY for s3://, FSSPEC_S3_ENDPOINT_URL for an S3-compatible server, "
+    "GOOGLE_APPLICATION_CREDENTIALS for gs://"
+)
 
 
 Group.command_class = Command
