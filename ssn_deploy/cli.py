@@ -967,9 +967,10 @@ def export(
 @click.option("--overwrite", is_flag=True, help="Replace a precomputed volume at DESTINATION.")
 def export_precomputed_command(volume: str, destination: str, layer_type: str,
                                overwrite: bool) -> None:  # fmt: skip
-    """Copy VOLUME (e.g. OUT.zarr/segmentation) to Neuroglancer precomputed at DESTINATION (a
-    folder, or a gs:// or s3:// URL), for viewers and proofreading tools that read that format;
-    segmentations use compressed_segmentation encoding."""
+    """Copy VOLUME to Neuroglancer precomputed at DESTINATION, for tools that read that format.
+
+    VOLUME is any volume, typically OUT.zarr/segmentation; DESTINATION a folder or a gs:// or
+    s3:// URL. Segmentations use compressed_segmentation encoding, images raw."""
     from ssn_deploy.precomputed import export_precomputed
     from ssn_deploy.volumes import refuse_overlap
 
