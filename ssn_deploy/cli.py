@@ -972,9 +972,11 @@ def export_precomputed_command(volume: str, destination: str, layer_type: str,
     VOLUME is any volume, typically OUT.zarr/segmentation; DESTINATION a folder or a gs:// or
     s3:// URL. Segmentations use compressed_segmentation encoding, images raw."""
     from ssn_deploy.precomputed import export_precomputed
+    from ssn_deploy.storage import check_writable
     from ssn_deploy.volumes import refuse_overlap
 
     refuse_overlap(destination, [volume])
+    check_writable(destination, replace=overwrite)
     info = export_precomputed(volume, destination, layer_type=layer_type, overwrite=overwrite)
     click.echo(f"wrote {info['type']} {info['size']} (x,y,z) at {info['resolution']} nm "
                f"to {destination}")  # fmt: skip

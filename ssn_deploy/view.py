@@ -29,12 +29,12 @@ def _neuroglancer() -> Any:
 
 
 def _source(ng: Any, volume: Volume, dims: Any) -> Any:
-    array = volume  # sliced on demand: only the chunks on screen are read
+    """The volume itself, sliced on demand: only the chunks on screen are read."""
     if volume.ndim == 4:  # affinities: channels first
         channels = ng.CoordinateSpace(names=["c^", *dims.names], units=["", *dims.units],
                                       scales=[1, *dims.scales])  # fmt: skip
-        return ng.LocalVolume(data=array, dimensions=channels)
-    return ng.LocalVolume(data=array, dimensions=dims)
+        return ng.LocalVolume(data=volume, dimensions=channels)
+    return ng.LocalVolume(data=volume, dimensions=dims)
 
 
 def _recorded_raw(found: dict[str, Volume]) -> Volume | None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -64,13 +70,6 @@ def test_a_missing_filesystem_package_is_one_line_naming_it(sample: Path) -> Non
 def s3(tmp_path_factory: pytest.TempPathFactory):
     """A moto S3 server on a free 127.0.0.1 port and the environment that points s3fs at it
     (the documented convention: FSSPEC_S3_ENDPOINT_URL plus the usual AWS variables)."""
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
-
     pytest.importorskip("moto")
     pytest.importorskip("s3fs")
     with socket.socket() as sock:
@@ -98,10 +97,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     server.wait(timeout=10)
 
 
-def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F821
-    import subprocess
-    import sys
-
+def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).parent / "ssn-deploy")
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=300)
 
