@@ -268,6 +268,15 @@ def _print_config_keys(ctx: click.Context, _param: click.Parameter, value: bool)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last.ckpt.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing RUN_DIR first.")
 @click.option(
+    "--time-budget",
+    "time_budget",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MINUTES",
+    help="Fit the schedule to this wall-clock time: after 50 timed updates, training."
+    "iterations (and lr_decay_start in proportion) are set so the run ends in time; "
+    "RUN_DIR/config.yaml records them.",
+)
+@click.option(
     "--config-keys",
     is_flag=True,
     is_eager=True,
@@ -276,7 +285,8 @@ def _print_config_keys(ctx: click.Context, _param: click.Parameter, value: bool)
     help="Print every config key with its default and meaning, and exit.",
 )
 def train(config: str, run_dir: str, iterations: int | None, device: str | None,
-          lr: float | None, resume: bool, overwrite: bool) -> None:  # fmt: skip
+          lr: float | None, resume: bool, overwrite: bool,
+          time_budget: float | None) -> None:  # fmt: skip
     """Train an affinity model from CONFIG.yaml: supervised, or semi-supervised (IIC, mean
     teacher) when the config has a semi: section.
 
@@ -294,6 +304,11 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    if resume and time_budget:
+        raise click.UsageError(
+            "--time-budget sets a new run's schedule; resume with RUN_DIR/config.yaml, "
+            "which records it"
+        )
     cfg = load_config(config)
     if overwrite:
         from ssn_deploy.volumes import refuse_overlap
@@ -307,7 +322,8 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
         anisotropic=not cfg.data.isotropic,
     )
     best = run_training(cfg, run_dir, iterations=iterations, device=device, lr=lr,
-                        resume=resume, overwrite=overwrite, segmenter=segmenter)  # fmt: skip
+                        resume=resume, overwrite=overwrite, segmenter=segmenter,
+                        time_budget_s=time_budget * 60 if time_budget else None)  # fmt: skip
     click.echo(str(best))
 
 

@@ -120,10 +120,17 @@ def test_config_errors_name_the_bad_key(tiny_train, section, change, message) ->
 
 
 @pytest.mark.parametrize(
-    "name", ["fib_medulla_250", "fib_medulla_250_aniso5", "vnc_sstem_2dlabels", "fib_tiny_train"]
-)
+    "name",
+    [
+        "fib_medulla_250", "fib_medulla_250_aniso5", "vnc_sstem_2dlabels", "fib_tiny_train",
+        "gpu/fib_medulla_250_paper", "gpu/fib_medulla_250_aniso5_paper",
+    ],
+)  # fmt: skip
 def test_shipped_configs_validate(name) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
+    if name.startswith("gpu/"):  # same split as the CPU recipes, data found from configs/gpu
+        assert cfg.data.test_z == (125, 250) or cfg.data.test_z == (25, 50)
+        assert Path(cfg.data.raw.split(":")[0]).is_file() and cfg.training.loader_workers > 0
     if name == "fib_medulla_250_aniso5":
         assert cfg.data.test_z == (25, 50) and cfg.data.val_z[1] <= 25
         assert not cfg.data.isotropic and all(p[0] == 1 for p in cfg.model.poolings)
@@ -234,3 +241,61 @@ def test_poly_schedule_holds_then_decays_to_lr_end(tiny_train) -> None:
     assert values[-1] == pytest.approx(1e-5)
     with pytest.raises(ConfigError, match="lr_decay_start"):
         tiny_config(tiny_train, iterations=10, lr_schedule="poly", lr_decay_start=10)
+
+
+def test_worker_batches_do_not_depend_on_worker_count_and_resume_exactly(
+    tiny_train, tmp_path
+) -> None:
+    """loader_workers: batches keyed by (seed, iteration, index) — the same with 1 or 2
+    workers, and a run resumed from its checkpoint logs the uninterrupted run's losses."""
+    batches = {}
+    for workers in (1, 2):
+        trainer = Trainer(tiny_config(tiny_train, loader_workers=workers, batch_size=2), tmp_path)
+        try:
+            batches[workers] = [trainer.next_batch() for _ in range(3)]
+        finally:
+            trainer.close_loader()
+    for a, b in zip(batches[1], batches[2], strict=True):
+        assert a.raw.shape[0] == 2 and np.array_equal(a.raw, b.raw)
+        assert np.array_equal(a.affs, b.affs) and np.array_equal(a.weights, b.weights)
+    assert not np.array_equal(batches[1][0].raw, batches[1][1].raw)
+
+    cfg = tiny_config(
+        tiny_train, iterations=6, checkpoint_every=3, val_every=100, log_every=1, loader_workers=2
+    )
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", iterations=3, progress=False)
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert len(losses(tmp_path / "a")) == 6
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_loader_workers_are_refused_for_semi_supervised_training(tiny_train) -> None:
+    raw = tiny_config(tiny_train, loader_workers=2).to_dict()
+    raw["semi"] = {"method": "mean_teacher", "unlabeled": [{"raw": raw["data"]["raw"]}]}
+    with pytest.raises(ConfigError, match="loader_workers"):
+        config_from_dict(raw)
+
+
+def test_time_budget_fits_the_schedule_and_records_it(tiny_train, tmp_path) -> None:
+    """--time-budget: 50 timed updates, then iterations (and the poly decay start, in
+    proportion) set so the run ends in time; config.yaml records the schedule."""
+    import time
+
+    cfg = tiny_config(
+        tiny_train, iterations=1000, lr_schedule="poly", lr_decay_start=600, val_every=1000,
+        checkpoint_every=1000, log_every=1,
+    )  # fmt: skip
+    start = time.perf_counter()
+    train(cfg, tmp_path / "run", progress=False, time_budget_s=20)
+    elapsed = time.perf_counter() - start
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]
+    assert 50 < recorded["iterations"] < 1000
+    assert recorded["lr_decay_start"] == round(600 * recorded["iterations"] / 1000)
+    assert len(losses(tmp_path / "run")) == recorded["iterations"]
+    assert elapsed < 20 * 1.3  # data reading and the model build come on top of the budget
+    result = CliRunner().invoke(
+        main, ["train", str(CONFIGS / "fib_tiny_train.yaml"), "-o", str(tmp_path / "run"),
+               "--resume", "--time-budget", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "config.yaml" in result.output

@@ -147,6 +147,7 @@ class TrainingConfig:
     amp: str = "none"
     device: str = "cpu"
     threads: int | None = None
+    loader_workers: int = 0
     clip_grad_norm: float | None = 10.0
     init_from: str | None = None
     seed: int = 0
@@ -167,6 +168,8 @@ class TrainingConfig:
         for key in ("iterations", "batch_size", "log_every", "checkpoint_every", "val_every"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"training.{key}: must be >= 1, got {getattr(self, key)}")
+        if int(self.loader_workers) < 0:
+            raise ConfigError(f"training.loader_workers: must be >= 0, got {self.loader_workers}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"training.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")
         if not self.lr > 0:
@@ -287,6 +290,11 @@ class Config:
         if bad:
             raise ConfigError(
                 f"data.mask_channels: {bad} outside 0..{self.model.out_channels - 1} (offsets)"
+            )
+        if self.training.loader_workers and self.semi.method != "supervised":
+            raise ConfigError(
+                "training.loader_workers: worker processes make supervised batches only; "
+                f"set it to 0 for semi.method {self.semi.method!r}"
             )
 
     def inputs(self) -> list[str]:

@@ -67,6 +67,9 @@ KEY_DOCS: dict[str, str] = {
     "training.amp": "none or bf16 (autocast; fast only on CPUs with AVX512-BF16, or GPUs)",
     "training.device": "cpu or cuda",
     "training.threads": "torch intra-op threads (null: torch's default)",
+    "training.loader_workers": "processes that make batches ahead (0: in the training "
+    "process); for GPUs, where augmentation would otherwise stall the updates; batches "
+    "are the same for any number, so resume stays exact (supervised training only)",
     "training.clip_grad_norm": "gradient-norm clip; null disables it",
     "training.seed": "seeds crops, augmentations and initialisation",
     "training.init_from": "checkpoint whose weights start the run (e.g. the supervised warm-up "

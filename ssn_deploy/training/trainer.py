@@ -44,6 +44,7 @@ from ssn_deploy.training.data import (
     read_rois,
     read_slab,
 )
+from ssn_deploy.training.loader import ParallelBatches
 from ssn_deploy.training.losses import LOSSES
 from ssn_deploy.training.run import prepare_run_dir, record_run
 from ssn_deploy.training.validation import Segmenter, autocast, predict_whole, score
@@ -135,6 +136,8 @@ class Trainer:
         self.device = resolve_device(tc.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop shape: pick the fastest convs
         sampler_seed, augment_seed = np.random.SeedSequence(tc.seed).spawn(2)
         self.generators = {
             "sampler": np.random.default_rng(sampler_seed),
@@ -169,6 +172,7 @@ class Trainer:
             config.model.offsets,
             data.mask_channels,
         )
+        self.loader: ParallelBatches | None = None
         self.iteration = 0
         self.skipped = 0
         self.skipped_in_a_row = 0
@@ -177,7 +181,23 @@ class Trainer:
     # -- one update ------------------------------------------------------------------------
 
     def next_batch(self) -> Batch:
-        return self.source.batch(self.config.training.batch_size)
+        tc = self.config.training
+        if not tc.loader_workers:
+            return self.source.batch(tc.batch_size)
+        if self.loader is None:  # after any resume: batches are keyed by iteration
+            self.loader = ParallelBatches(
+                self.source,
+                workers=tc.loader_workers,
+                batch_size=tc.batch_size,
+                seed=tc.seed,
+                start=self.iteration,
+            )
+        return self.loader.next()
+
+    def close_loader(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer update on ``batch``; returns the scalars to log (at least ``loss``).
@@ -388,6 +408,7 @@ class Trainer:
                     if self.iteration % tc.checkpoint_every == 0:
                         self.save(self.run_dir / "checkpoints" / f"iter_{self.iteration:07d}.ckpt")
         finally:
+            self.close_loader()
             bar.close()
             writer.close()
 
@@ -415,11 +436,13 @@ def train(
     overwrite: bool = False,
     segmenter: Segmenter | None = None,
     progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> Path:
     """Train (or resume) a supervised affinity model; returns the best (else last) checkpoint.
 
     ``segmenter`` maps affinities ``[C, Z, Y, X]`` to one segmentation per configured
     validation threshold; without it checkpoints are selected by validation loss.
+    ``time_budget_s`` fits the schedule to a wall-clock budget (see :func:`fit_schedule`).
     """
     if not isinstance(config, Config):
         config = load_config(config)
@@ -442,10 +465,61 @@ def train(
         log.info("resumed %s at iteration %d", last, trainer.iteration)
     elif config.training.init_from:
         trainer.initialise_from(Path(config.training.init_from))
+    if time_budget_s is not None:
+        if resume:
+            raise ConfigError(
+                "a time budget sets a new run's iteration count; resume the run from its "
+                "recorded RUN_DIR/config.yaml instead"
+            )
+        config = fit_schedule(trainer, time_budget_s, progress=progress)
     record_run(run_dir, config)
     trainer.fit(config.training.iterations, progress=progress)
     best = run_dir / "best.ckpt"
     return best if best.exists() else last
+
+
+PROBE_WARMUP, PROBE_TIMED = 10, 40
+
+
+def fit_schedule(trainer: Trainer, budget_s: float, *, progress: bool = True) -> Config:
+    """Scale ``training.iterations`` (and ``lr_decay_start`` with it) so that the whole run,
+    validations included, ends within ``budget_s`` seconds from now.
+
+    Why: a lent GPU or a night on a CPU is a fixed time, and a poly schedule must reach its
+    end in it. The first ``PROBE_WARMUP + PROBE_TIMED`` updates (constant lr) time an update,
+    one extra validation is timed, then the schedule is set and kept in ``trainer.config``
+    (and so in the run's config.yaml, which reproduces the run without a budget).
+    """
+    start = time.perf_counter()
+    tc = trainer.config.training
+    if tc.lr_schedule == "poly" and tc.lr_decay_start < PROBE_WARMUP + PROBE_TIMED:
+        raise ConfigError("a time budget needs training.lr_decay_start >= 50 (the timing probe)")
+    trainer.fit(PROBE_WARMUP, progress=progress)
+    t0 = time.perf_counter()
+    trainer.fit(PROBE_WARMUP + PROBE_TIMED, progress=progress)
+    per_update = (time.perf_counter() - t0) / PROBE_TIMED
+    t0 = time.perf_counter()
+    if trainer.val_slab is not None:
+        trainer.validate()
+    per_validation = time.perf_counter() - t0
+    left = 0.97 * budget_s - (time.perf_counter() - start)
+    per_iteration = per_update + per_validation / tc.val_every
+    total = trainer.iteration + max(int(left / per_iteration), 0)
+    total = max(total - total % tc.log_every, trainer.iteration + 1)
+    decay_start = tc.lr_decay_start
+    if tc.lr_schedule == "poly":
+        decay_start = min(round(tc.lr_decay_start * total / tc.iterations), total - 1)
+    log.info(
+        "time budget %.0f s: %.3f s per update, %.1f s per validation -> %d iterations%s",
+        budget_s,
+        per_update,
+        per_validation,
+        total,
+        f" (lr decay from {decay_start})" if tc.lr_schedule == "poly" else "",
+    )
+    training = replace(tc, iterations=total, lr_decay_start=decay_start)
+    trainer.config = replace(trainer.config, training=training)
+    return trainer.config
 
 
 __all__ = ["CSV_FIELDS", "Trainer", "describe_validation", "train"]
