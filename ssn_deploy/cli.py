@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ssn_deploy import __version__
-from ssn_deploy.cli_base import Group, quiet_dask
+from ssn_deploy.cli_base import Group, quiet_dask, storage_options_option
 
 log = logging.getLogger("ssn_deploy")
 
@@ -81,6 +81,7 @@ def main(verbose: int, quiet: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@storage_options_option
 def convert(
     src: str,
     dst: str,
@@ -181,6 +182,7 @@ def _evaluation_table(report: dict) -> str:
     "--output", type=click.Path(dir_okay=False), help="Also write the JSON report to this file."
 )
 @click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
+@storage_options_option
 def evaluate(
     seg: str,
     gt: str,
@@ -356,6 +358,7 @@ def train(config: str, run_dir: str, iterations: int | None, device: str | None,
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last.ckpt.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing RUN_DIR first.")
+@storage_options_option
 def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str | None,
              batch_size: int, lr: float, seed: int, threads: int | None, checkpoint_every: int,
              resume: bool, overwrite: bool) -> None:  # fmt: skip
@@ -476,6 +479,7 @@ def pretrain(volumes: tuple[str, ...], run_dir: str, iterations: int, crop: str 
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing selection (and embeddings).")
 @click.option("--no-progress", is_flag=True)
+@storage_options_option
 def select(volume: str, out_dir: str, encoder: str | None, budget: int, window: str | None,
            k: int, stride: str | None, method: str, workers: int, exclude: tuple[str, ...],
            seed: int, crop_format: str, overwrite: bool, no_progress: bool) -> None:  # fmt: skip
@@ -522,6 +526,20 @@ def select(volume: str, out_dir: str, encoder: str | None, budget: int, window: 
 # --- infer / segment
 
 
+def default_output(volume: str) -> str:
+    """``VOLUME`` stem + ``.ssn.zarr`` beside it (``data.hdf:volumes/raw`` → ``data.ssn.zarr``,
+    ``s3://b/raw.zarr`` → ``s3://b/raw.ssn.zarr``); in the working directory for a read-only
+    ``http(s)://`` volume."""
+    from ssn_deploy.storage import READ_ONLY_SCHEMES
+    from ssn_deploy.volumes import container_of
+
+    stem = container_of(volume).removesuffix("/")
+    stem = stem[: -len(Path(stem).suffix) or None]
+    if volume.lower().startswith(READ_ONLY_SCHEMES):
+        stem = stem.rsplit("/", 1)[-1]
+    return stem + ".ssn.zarr"
+
+
 def _int_triple(value: str | None, name: str) -> tuple[int, int, int] | None:
     numbers = parse_triple(value, name)
     if numbers is None:
@@ -539,7 +557,11 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
 @main.command()
 @click.argument("volume")
 @click.option(
-    "-o", "--output", default=None, help="Output group OUT.zarr [default: VOLUME stem + .ssn.zarr]."
+    "-o",
+    "--output",
+    default=None,
+    help="Output group OUT.zarr [default: VOLUME stem + .ssn.zarr, beside VOLUME; in the working "
+    "directory for an http(s):// VOLUME].",
 )
 @click.option(
     "--model",
@@ -659,6 +681,7 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
 @click.option(
     "--json", "as_json", is_flag=True, help="Paths, geometry and timings as JSON on stdout."
 )
+@storage_options_option
 @click.pass_context
 def infer(
     ctx: click.Context,
@@ -708,7 +731,7 @@ def infer(
     from ssn_deploy.storage import storage_errors
 
     quiet_dask(ctx)
-    out = output or volume.split(":")[0].removesuffix("/").rsplit(".", 1)[0] + ".ssn.zarr"
+    out = output or default_output(volume)
     with storage_errors(out, RESUME_AFTER_STORAGE_ERROR):
         result = run_infer(
             volume,
@@ -788,6 +811,7 @@ def infer(
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True)
+@storage_options_option
 @click.pass_context
 def segment(
     ctx: click.Context,
@@ -866,17 +890,35 @@ def segment(
 # --- export
 
 
+class _CheckpointOrPackaged(click.Path):
+    """A checkpoint file, or the name of a packaged model (iso, aniso; default means iso)."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from ssn_deploy.inference.loader import is_packaged_name
+
+        if isinstance(value, str) and is_packaged_name(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument(
+    "checkpoint",
+    required=False,
+    default="iso",
+    type=_CheckpointOrPackaged(exists=True, dir_okay=False),
+)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory.")
 @click.option(
     "--format",
     "formats",
-    type=click.Choice(["onnx", "tensorrt"]),
+    type=click.Choice(["onnx", "tensorrt", "bioimageio"]),
     multiple=True,
     default=("onnx",),
     show_default=True,
-    help="Artefacts to build; tensorrt (needs a GPU and the tensorrt package) implies onnx.",
+    help="Artefacts to build; tensorrt (needs a GPU and the tensorrt package) implies onnx; "
+    "bioimageio (model.bioimageio.zip, a bioimage.io model package; needs the bioimageio "
+    "extra) implies onnx.",
 )
 @click.option(
     "--fp16", is_flag=True, help="Also write model.fp16.onnx; TensorRT engines are built in fp16."
@@ -922,11 +964,16 @@ def export(
 ) -> None:
     """Export CHECKPOINT for deployment into OUTPUT, with a parity report.
 
-    Writes model.ckpt (weights only: no optimizer or RNG state), model.onnx (dynamic batch and
-    z/y/x axes; offsets, normalisation, voxel size, context, granularity and threshold in its
+    CHECKPOINT is a .ckpt file or a packaged model: iso (the default) or aniso. Writes
+    model.ckpt (weights only: no optimizer or RNG state), model.onnx (dynamic batch and z/y/x
+    axes; offsets, normalisation, voxel size, context, granularity and threshold in its
     metadata, so `ssn-deploy infer --model model.onnx` needs nothing else), model.fp16.onnx
     with --fp16, and with --format tensorrt an engine under tensorrt/<sm_XY>/ (built for this
-    GPU, cached by ONNX hash, profile and precision).
+    GPU, cached by ONNX hash, profile and precision). With --format bioimageio,
+    model.bioimageio.zip packages the ONNX graph and the state dict for bioimage.io (format 0.5:
+    uint8 input with the model's normalisation, affinities out, voxel size in nm, offsets and
+    decoder threshold in config.ssn_deploy, test tensors from the bundled sample predicted by
+    onnxruntime, the model card as documentation).
 
     parity.json runs every artefact on a real EM block of the bundled sample, as infer would,
     and compares it with torch fp32: max |affinity difference| (tolerance 1e-4, fp16 1e-2) and
@@ -934,14 +981,18 @@ def export(
     VOI between the two segmentations is reported too. Exits with status 1 if an artefact is
     out of tolerance.
     """
+    from ssn_deploy.inference.loader import default_model, is_packaged_name
     from ssn_deploy.parity import export_with_parity
     from ssn_deploy.storage import check_writable
 
+    if is_packaged_name(checkpoint):
+        checkpoint = str(default_model("torch", "iso" if checkpoint == "default" else checkpoint))
     check_writable(output)
     result = export_with_parity(
         checkpoint,
         output,
         tensorrt="tensorrt" in formats,
+        bioimageio="bioimageio" in formats,
         fp16=fp16,
         opset=opset,
         simplify=simplify,
@@ -981,6 +1032,7 @@ def export(
     help="auto: segmentation for integer ids wider than a byte, else image.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a precomputed volume at DESTINATION.")
+@storage_options_option
 def export_precomputed_command(volume: str, destination: str, layer_type: str,
                                overwrite: bool) -> None:  # fmt: skip
     """Copy VOLUME to Neuroglancer precomputed at DESTINATION, for tools that read that format.
@@ -1009,6 +1061,7 @@ def export_precomputed_command(volume: str, destination: str, layer_type: str,
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=0,
               help="Port [default: a free one].")  # fmt: skip
+@storage_options_option
 def view(output: str, raw: str | None, bind: str, port: int) -> None:
     """Browse OUTPUT (an infer output, OUT.zarr) in neuroglancer: raw (RAW, else the volume
     infer recorded), affinities, segmentation and fragments at the right voxel size. Prints
@@ -1031,6 +1084,7 @@ def view(output: str, raw: str | None, bind: str, port: int) -> None:
 @click.argument("output")
 @click.option("--dry-run", is_flag=True, help="Only report; leave the markers as they are.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@storage_options_option
 def verify(output: str, dry_run: bool, as_json: bool) -> None:
     """Check every finished block of OUTPUT (an infer or segment output, OUT.zarr) against the
     checksum it was marked with, and unmark damaged blocks so that `--resume` recomputes only

@@ -1,14 +1,18 @@
-"""The click base classes of every command: one-line errors, and -v/-q anywhere."""
+"""The click base classes of every command: one-line errors, -v/-q anywhere, and
+``--storage-options`` for the commands that read or write volumes by URL."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ssn_deploy.errors import SsnDeployError, StorageError
+from ssn_deploy.errors import ConfigError, SsnDeployError, StorageError
 
 
 def drop_pending_writes() -> None:
@@ -52,9 +56,40 @@ def quiet_dask(ctx: click.Context) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _parse_storage_options(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter(
+            'expected a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\''
+        )
+    return options
+
+
+def storage_options_option(f: Callable) -> Callable:
+    """``--storage-options JSON``: fsspec options for every URL the command reads or writes."""
+    return click.option(
+        "--storage-options",
+        metavar="JSON",
+        default=None,
+        callback=_parse_storage_options,
+        help="fsspec options for the URL volumes read and written, as a JSON object, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server, or per '
+        'protocol: \'{"s3": {...}, "https": {...}}\'. They override FSSPEC_<PROTOCOL>_<KEY> '
+        "environment variables.",
+    )(f)
+
+
 class Command(click.Command):
     """Every command takes ``-v``/``-q`` after its name as well as before it (``ssn-deploy
-    infer -v …`` = ``ssn-deploy -v infer …``); ``-q`` also hides progress bars."""
+    infer -v …`` = ``ssn-deploy -v infer …``); ``-q`` also hides progress bars. A command with
+    ``--storage-options`` opens every URL volume with those options while it runs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -69,7 +104,28 @@ class Command(click.Command):
         if quiet and "no_progress" in ctx.params:
             ctx.params["no_progress"] = True
         configure_logging(verbose, quiet)
-        return super().invoke(ctx)
+        options = ctx.params.pop("storage_options", None)
+        if not options:
+            return super().invoke(ctx)
+        from ssn_deploy.volumes import storage_options
+
+        try:
+            with storage_options(options):
+                return super().invoke(ctx)
+        except TypeError as exc:  # a key the filesystem (or its client) does not take
+            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if unexpected is None or unexpected.group(1) not in _keys(options):
+                raise
+            raise ConfigError(
+                f"--storage-options: {unexpected.group(1)!r} is not an option of this URL's "
+                f"filesystem ({exc})"
+            ) from None
+
+
+def _keys(options: dict[str, Any]) -> set[str]:
+    """The keys of storage options, those of per-protocol options included."""
+    nested = (v.keys() for v in options.values() if isinstance(v, dict))
+    return set(options).union(*nested)
 
 
 class Group(click.Group):
@@ -103,7 +159,8 @@ class Group(click.Group):
         except Exception as exc:
             if not type(exc).__module__.startswith(REMOTE_ERROR_MODULES):
                 raise
-            click.echo(f"error: remote storage: {exc} ({REMOTE_CREDENTIALS})", err=True)
+            hint = REMOTE_ENDPOINT if "Connect" in type(exc).__name__ else REMOTE_CREDENTIALS
+            click.echo(f"error: remote storage: {exc} ({hint})", err=True)
             sys.exit(1)
 
 
@@ -111,8 +168,13 @@ REMOTE_ERROR_MODULES = ("botocore", "aiobotocore", "google.auth", "gcsfs")
 """Errors of the object-store clients (no credentials, access denied) are the user's to fix."""
 REMOTE_CREDENTIALS = (
     "credentials come from the client's environment: AWS_PROFILE or AWS_ACCESS_KEY_ID/"
-    "AWS_SECRET_ACCESS_KEY for s3://, FSSPEC_S3_ENDPOINT_URL for an S3-compatible server, "
-    "GOOGLE_APPLICATION_CREDENTIALS for gs://"
+    "AWS_SECRET_ACCESS_KEY for s3://, FSSPEC_S3_ENDPOINT_URL or --storage-options "
+    "'{\"endpoint_url\": ...}' for an S3-compatible server, GOOGLE_APPLICATION_CREDENTIALS "
+    "for gs://"
+)
+REMOTE_ENDPOINT = (
+    "no server answers there: check the endpoint, FSSPEC_S3_ENDPOINT_URL or --storage-options "
+    '\'{"endpoint_url": "http://host:port"}\' for an S3-compatible server'
 )
 
 

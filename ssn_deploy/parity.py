@@ -180,6 +180,7 @@ def export_with_parity(
     patch_shape: Triple | None = None,
     max_batch: int = 1,
     device: str = "cpu",
+    bioimageio: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export (see :func:`~ssn_deploy.export.export_model`), then write ``parity.json``.
@@ -199,6 +200,7 @@ def export_with_parity(
         simplify=simplify,
         patch_shape=patch_shape,
         max_batch=max_batch,
+        bioimageio=bioimageio,
         overwrite=overwrite,
     )
     raw, labels = parity_block(reference.granularity)

@@ -36,7 +36,7 @@ from ssn_deploy.inference.loader import (
     load_predictor,
 )
 from ssn_deploy.inference.predictor import Predictor
-from ssn_deploy.inference.scheduling import check_cluster_paths
+from ssn_deploy.inference.scheduling import check_cluster_paths, recording_stages, timed_stage
 from ssn_deploy.inference.triton_backend import DEFAULT_MODEL as TRITON_MODEL
 from ssn_deploy.inference.triton_backend import DEFAULT_TIMEOUT as TRITON_TIMEOUT
 from ssn_deploy.inference.triton_backend import TritonOptions, check_patch_fits
@@ -47,6 +47,7 @@ from ssn_deploy.storage import (
     check_free_space,
     check_writable,
     exists,
+    refuse_read_only,
     remove_temporaries,
     stored_bytes,
 )
@@ -201,6 +202,7 @@ def preview_path(out: str) -> str:
 
 
 def _refuse_existing(out: str, resume: bool, overwrite: bool, preview: bool = False) -> None:
+    refuse_read_only(out)  # http(s)://: before asking the server whether it exists
     if resume and overwrite:
         raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
     if exists(out) and not (resume or overwrite):
@@ -267,11 +269,16 @@ def infer(
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the output specs, geometry and stage timings.
 
+    ``timings`` holds the seconds of the affinity and segmentation calls; ``stage_seconds``
+    splits the whole call into setup (checks, model load, geometry), each blockwise stage and
+    its pyramid, agglomeration, preview and other (cluster start-up, output creation), in order.
+
     ``announce`` receives the line naming the packaged model chosen for ``model="default"``
     (the CLI prints it before any work; by default it is logged). ``url`` (``HOST:PORT``)
     sends the patches to a Triton server instead (``backend="triton"``, implied by ``url``):
     ``protocol`` grpc | http, ``triton_model`` the served model, ``triton_timeout`` seconds
     per request; the model and its geometry are then the server's."""
+    begin = time.perf_counter()
     if scheduler is not None:  # workers open the volumes and the model by these names
         volume, out = absolute_spec(volume), absolute_spec(out)
         model = os.path.abspath(model) if os.path.isfile(model) else model
@@ -327,56 +334,60 @@ def infer(
     log.info("geometry: %s", geometry)
     specs = stage_specs(out)
     timings = {}
-    start = time.perf_counter()
-    affs = predict_affinities(
-        raw,
-        specs["affinities"],
-        factory,
-        block_shape=geometry.block_shape,
-        patch_shape=geometry.patch_shape,
-        margin=geometry.margin,
-        overlap=geometry.overlap,
-        batch_size=batch_size,
-        scheduler=scheduler,
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        out_dtype=affinity_dtype,
-        progress=progress,
-    )
-    timings["affinities_s"] = time.perf_counter() - start
-    describe_root(out)  # OUT.zarr is the affinities image, before its labels point at it
-    anisotropic = is_anisotropic(raw.voxel_size)
-    record_segmentation_settings(affs, threshold, geometry, anisotropic)
-    start = time.perf_counter()
-    seg, _ = segment_blockwise(
-        affs,
-        specs["fragments"],
-        specs["segmentation"],
-        threshold=threshold,
-        block_shape=geometry.block_shape,
-        fragment_tile=geometry.fragment_tile,
-        anisotropic=anisotropic,
-        scheduler=scheduler,
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
-    )
-    timings["segmentation_s"] = time.perf_counter() - start
-    result: dict[str, Any] = {
-        **specs,
-        "model": str(model),
-        "geometry": asdict(geometry),
-        "timings": timings,
-        "voxels": int(np.prod(raw.shape)),
-    }
-    if preview:
-        result["preview"] = str(
-            write_preview(
-                preview_path(out), raw, affs, seg, title=f"{volume} (threshold {threshold})"
-            )
+    stages = {"setup": time.perf_counter() - begin}
+    with recording_stages(stages):
+        start = time.perf_counter()
+        affs = predict_affinities(
+            raw,
+            specs["affinities"],
+            factory,
+            block_shape=geometry.block_shape,
+            patch_shape=geometry.patch_shape,
+            margin=geometry.margin,
+            overlap=geometry.overlap,
+            batch_size=batch_size,
+            scheduler=scheduler,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            out_dtype=affinity_dtype,
+            progress=progress,
         )
+        timings["affinities_s"] = time.perf_counter() - start
+        describe_root(out)  # OUT.zarr is the affinities image, before its labels point at it
+        anisotropic = is_anisotropic(raw.voxel_size)
+        record_segmentation_settings(affs, threshold, geometry, anisotropic)
+        start = time.perf_counter()
+        seg, _ = segment_blockwise(
+            affs,
+            specs["fragments"],
+            specs["segmentation"],
+            threshold=threshold,
+            block_shape=geometry.block_shape,
+            fragment_tile=geometry.fragment_tile,
+            anisotropic=anisotropic,
+            scheduler=scheduler,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        timings["segmentation_s"] = time.perf_counter() - start
+        result: dict[str, Any] = {
+            **specs,
+            "model": str(model),
+            "geometry": asdict(geometry),
+            "timings": timings,
+            "stage_seconds": stages,
+            "voxels": int(np.prod(raw.shape)),
+        }
+        if preview:
+            with timed_stage("preview"):
+                title = f"{volume} (threshold {threshold})"
+                result["preview"] = str(
+                    write_preview(preview_path(out), raw, affs, seg, title=title)
+                )
+    stages["other"] = time.perf_counter() - begin - sum(stages.values())
     return result
 
 

@@ -6,7 +6,8 @@ so a read-only directory or a nearly full disk is a one-line refusal with nothin
 a traceback after an hour. A write that fails anyway (the disk filled up meanwhile, a quota)
 becomes a :class:`~ssn_deploy.errors.StorageError` naming the output and how to continue
 (:func:`storage_errors`): finished blocks are kept, so ``--resume`` picks up after space is
-freed. Only local paths are checked; URLs (``s3://``, ``memory://``) are left to their store.
+freed. Only local paths are checked; URLs (``s3://``, ``memory://``) are left to their store,
+except ``http(s)://``, which is read-only (:func:`refuse_read_only`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ _CONTAINER = re.compile(r"^(.*?\.(?:zarr|n5|hdf5?|h5))(?:[:/].*)?$", re.IGNORECA
 
 def is_local(spec: str | os.PathLike) -> bool:
     return "://" not in str(spec).removeprefix("file://")
+
+
+READ_ONLY_SCHEMES = ("http://", "https://")
+"""URLs that volumes are read from, never written to (fsspec's HTTP filesystem cannot write)."""
+
+
+def refuse_read_only(spec: str | os.PathLike) -> None:
+    """One line, before any work, for an output at a read-only URL (``http(s)://``)."""
+    if str(spec).lower().startswith(READ_ONLY_SCHEMES):
+        raise StorageError(
+            f"cannot write {spec}: http(s):// URLs are read-only (inputs only); write to a "
+            "local path or to an object store (s3://, gs://)"
+        )
 
 
 def exists(spec: str | os.PathLike) -> bool:
@@ -97,6 +111,7 @@ def _refuse(spec: str | os.PathLike, directory: Path) -> None:
 def check_writable(spec: str | os.PathLike, replace: bool = False) -> None:
     """Refuse, before anything is written, an output that cannot be created (or, existing,
     written into; with ``replace`` also deleted) by this process."""
+    refuse_read_only(spec)
     if not is_local(spec):
         return
     path = on_disk(spec)

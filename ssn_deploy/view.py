@@ -79,6 +79,9 @@ def open_viewer(output: str, raw: str | None = None, *, bind: str = "127.0.0.1",
     viewer = ng.Viewer()
     with viewer.txn() as state:
         state.dimensions = dims
+        # neuroglancer's main (xy) panel shows the first two display dimensions: make them x, y
+        # (the sections), not z, y as the volume's axis order would.
+        state.display_dimensions = ["x", "y", "z"]
         if raw_volume is not None:
             state.layers["raw"] = ng.ImageLayer(source=_source(ng, raw_volume, dims))
         if "affinities" in found:

@@ -16,7 +16,9 @@ Volume specs (what users type):
     ``multiscales`` metadata (NGFF 0.5 under ``"ome"``, or 0.4 at the top level; units
     converted to nm, missing units taken as nm), else from the attributes ``voxel_size`` (or
     ``resolution``) and ``offset`` of a plain array. ``file://`` URLs are local paths; other
-    URLs go through fsspec (``s3://`` needs s3fs).
+    URLs go through fsspec (``s3://`` needs s3fs), with the options of :func:`storage_options`
+    (``--storage-options``). ``http://`` and ``https://`` URLs are read-only inputs: zarr v3
+    reads metadata and chunks by key, so the server need not list directories.
 ``x.n5:dataset``
     N5 through tensorstore (local). N5 attributes are written in Java's x,y,z order, so
     ``resolution``, ``pixelResolution.dimensions`` and ``offset`` are reversed to z,y,x, as
@@ -31,6 +33,8 @@ A directory without a suffix is recognised by its content (``zarr.json``/``.zarr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -54,7 +58,13 @@ from ssn_deploy.errors import (
     VoxelSizeError,
 )
 from ssn_deploy.geometry import Box
-from ssn_deploy.storage import check_free_space, check_writable, stored_bytes
+from ssn_deploy.storage import (
+    READ_ONLY_SCHEMES,
+    check_free_space,
+    check_writable,
+    refuse_read_only,
+    stored_bytes,
+)
 
 if TYPE_CHECKING:
     import dask.array
@@ -108,6 +118,12 @@ def _parse_spec(spec: str) -> _Location:
     if ":" in spec[scheme_end:] and not os.path.exists(spec):
         container, inner = spec.rsplit(":", 1)
     return _Location(_kind_of_directory(spec, container), container, inner.strip("/"))
+
+
+def container_of(spec: str) -> str:
+    """The file, directory or URL a volume spec is stored in (``data.hdf:volumes/raw`` →
+    ``data.hdf``, ``s3://bucket/x.zarr/labels`` → ``s3://bucket/x.zarr``)."""
+    return _parse_spec(spec).container
 
 
 def _kind_of_directory(spec: str, container: str) -> str:
@@ -173,6 +189,8 @@ class Volume:
         self._array = array
         self._close = close
         self._voxel_size_override: Triple | None = None
+        self.storage_options: dict[str, Any] | None = None
+        """fsspec options of a URL volume, as opened (they travel with its pickle)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -231,6 +249,9 @@ class Volume:
         self.close()
 
     def __reduce__(self) -> tuple:
+        if self.storage_options is not None:  # a worker reopens it with the same options
+            return _reopen, (self.spec, self.mode, self._voxel_size_override,
+                             self.storage_options)  # fmt: skip
         return open_volume, (self.spec, self.mode, self._voxel_size_override)
 
     def _index(self, key: Any) -> tuple:
@@ -476,6 +497,54 @@ def _zarr_store(container: str) -> str:
 
 REMOTE_EXTRA = "pip install 'ssn-deploy[remote]' (s3fs, gcsfs)"
 
+_STORAGE_OPTIONS: dict[str, Any] = {}
+"""The process's fsspec options for URL volumes (set by :func:`storage_options`)."""
+_REOPEN_OPTIONS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ssn_deploy_reopen_options", default=None
+)
+"""Options of a volume being unpickled (per thread, so that concurrent tasks never mix)."""
+
+
+@contextlib.contextmanager
+def storage_options(options: Mapping[str, Any] | None) -> Iterator[None]:
+    """Open and create URL volumes with these fsspec options meanwhile (``--storage-options``):
+    keyword arguments of the filesystem (``{"endpoint_url": "http://host:9000"}``), given to
+    every URL, or, when every key is a protocol, options per protocol (``{"s3": {...},
+    "https": {...}}``). They override fsspec's ``FSSPEC_<PROTOCOL>_<KEY>`` environment
+    variables, and travel with the volumes that tasks carry to dask workers."""
+    global _STORAGE_OPTIONS
+    previous, _STORAGE_OPTIONS = _STORAGE_OPTIONS, dict(options or {})
+    try:
+        yield
+    finally:
+        _STORAGE_OPTIONS = previous
+
+
+def url_options(url: str) -> dict[str, Any] | None:
+    """The fsspec options to open ``url`` with: None for a local path or when none are set."""
+    if not _is_url(url) or url.startswith("file://"):
+        return None
+    options = _REOPEN_OPTIONS.get()
+    options = _STORAGE_OPTIONS if options is None else options
+    if options and all(_is_protocol(k) and isinstance(v, Mapping) for k, v in options.items()):
+        options = options.get(url.split("://", 1)[0].lower(), {})
+    return dict(options) or None
+
+
+def _is_protocol(name: str) -> bool:
+    import fsspec
+
+    return name in fsspec.available_protocols()
+
+
+def _reopen(spec: str, mode: str, voxel_size: Triple | None, options: dict[str, Any]) -> Volume:
+    """Unpickle a URL volume with the storage options it was opened with."""
+    token = _REOPEN_OPTIONS.set(options)
+    try:
+        return open_volume(spec, mode, voxel_size)
+    finally:
+        _REOPEN_OPTIONS.reset(token)
+
 
 def url_filesystem(url: str) -> tuple[Any, str]:
     """The fsspec filesystem of ``url`` and the path in it; a missing filesystem package (s3fs
@@ -483,7 +552,7 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **(url_options(url) or {}))
     except ImportError as exc:
         raise InvalidInputError(f"{url}: {_missing_package(exc)}") from None
 
@@ -498,7 +567,12 @@ def _open_zarr_node(container: str, inner: str, mode: str) -> Any:
     import zarr
 
     try:
-        return zarr.open(_zarr_store(container), mode=mode, path=inner or None)
+        return zarr.open(
+            _zarr_store(container),
+            mode=mode,
+            path=inner or None,
+            storage_options=url_options(container),
+        )
     except ImportError as exc:
         raise InvalidInputError(f"{container}: {_missing_package(exc)}") from None
     except FileNotFoundError:  # zarr's NodeNotFoundError: the callers list what exists
@@ -511,21 +585,33 @@ def _open_zarr_node(container: str, inner: str, mode: str) -> Any:
         ) from None
 
 
+UNLISTED = "unknown (the server lists no directories)"
+"""What :func:`_zarr_listing` says of a URL store that cannot be listed (plain http)."""
+
+
 def _zarr_listing(container: str) -> list[str]:
     """Arrays and OME-Zarr multiscale groups in a store (not the arrays inside the latter)."""
     import zarr
 
     try:
-        root = zarr.open(container, mode="r")
+        root = zarr.open(container, mode="r", storage_options=url_options(container))
     except FileNotFoundError:
         return []
     if isinstance(root, zarr.Array):
         return ["(root array)"]
+    try:
+        members = list(root.members(max_depth=None))
+    except (OSError, ValueError, NotImplementedError):
+        if not _is_url(container):
+            raise
+        members = []  # listing is best effort: an http server need not index directories
     names = [
         p
-        for p, node in root.members(max_depth=None)
+        for p, node in members
         if isinstance(node, zarr.Array) or _multiscales(node.attrs.asdict())
     ]
+    if not names and container.lower().startswith(READ_ONLY_SCHEMES):
+        return [UNLISTED]  # an empty listing says nothing there
     return [n for n in names if not any(n.startswith(m + "/") for m in names)]
 
 
@@ -766,7 +852,10 @@ def open_volume(spec: str, mode: str = "r", voxel_size: Iterable[float] | None =
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
     loc = _parse_spec(spec)
+    if mode != "r":
+        refuse_read_only(spec)
     vol = _OPENERS[loc.kind](spec, loc, mode)
+    vol.storage_options = url_options(loc.container)
     meta = vol.attrs.get("ssn_deploy") if hasattr(vol.attrs, "get") else None
     if mode == "r" and isinstance(meta, Mapping) and meta.get("complete") is False:
         raise CorruptDataError(
@@ -872,9 +961,12 @@ def _compressors(compressor: str | None, dtype: np.dtype) -> list:
     return [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)]
 
 
-def _output_location(spec: str) -> _Location:
-    """Outputs are zarr: a ``.zarr`` path (optionally ``:NODE``) or a URL."""
+def _output_location(spec: str, write: bool = True) -> _Location:
+    """Outputs are zarr: a ``.zarr`` path (optionally ``:NODE``) or a URL (not http(s)://,
+    unless only read: ``write=False``)."""
     if _is_url(spec) or re.search(r"\.zarr(?:[:/]|$)", spec, flags=re.IGNORECASE):
+        if write:
+            refuse_read_only(spec)
         loc = _parse_spec(spec)
         if loc.kind == "zarr":
             return loc
@@ -953,7 +1045,11 @@ def create_volume(
     if ome:
         meta = _ome_metadata(len(shape), voxel_size, offset, Path(loc.inner or loc.container).stem)
         group = zarr.create_group(
-            loc.container, path=loc.inner or None, overwrite=overwrite, attributes={**user, **meta}
+            loc.container,
+            path=loc.inner or None,
+            overwrite=overwrite,
+            attributes={**user, **meta},
+            storage_options=url_options(loc.container),
         )
         group.create_array("0", **array_args)
     else:
@@ -963,6 +1059,7 @@ def create_volume(
             name=loc.inner or None,
             overwrite=overwrite,
             attributes={**user, **meta},
+            storage_options=url_options(loc.container),
             **array_args,
         )
     return open_volume(spec, "r+")
@@ -973,9 +1070,14 @@ def open_group(spec: str, mode: str = "r") -> Any:
     belongs to a group rather than a volume; :class:`InputNotFoundError` if there is none."""
     import zarr
 
-    loc = _output_location(spec)
+    loc = _output_location(spec, write=mode != "r")
     try:
-        return zarr.open_group(_zarr_store(loc.container), path=loc.inner or None, mode=mode)
+        return zarr.open_group(
+            _zarr_store(loc.container),
+            path=loc.inner or None,
+            mode=mode,
+            storage_options=url_options(loc.container),
+        )
     except FileNotFoundError as exc:
         raise InputNotFoundError(f"{spec}: no such zarr group") from exc
 

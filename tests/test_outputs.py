@@ -106,6 +106,42 @@ def test_pyramid_levels_of_the_run_match_numpy(out: Path) -> None:
     assert level.voxel_size == (10.0, 20.0, 20.0) and level.offset == (0.0, 5.0, 5.0)
 
 
+def test_ome_zarr_py_reads_the_segmentation_as_a_label_image_of_the_output(out: Path) -> None:
+    """The reference OME-Zarr reader (ome-zarr-py, 0.5/zarr v3) walks the output as viewers
+    and notebooks do: the image, its labels/ listing, each label image with its pyramid."""
+    pytest.importorskip("ome_zarr", minversion="0.12")  # zarr v3 / OME-Zarr 0.5 reading
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Labels, Multiscales, Reader
+
+    location = parse_url(str(out))
+    assert location is not None and location.version == "0.5"
+    nodes = list(Reader(location)())
+    image = nodes[0]
+    assert image.load(Multiscales) is not None and image.load(Label) is None
+    assert [d.shape for d in image.data] == [(3, 40, 150, 150), (3, 40, 75, 75)]
+    listing = next(n for n in nodes if n.load(Labels) is not None)
+    assert listing.zarr.path.rstrip("/") == f"{str(out).rstrip('/')}/labels"
+    assert listing.zarr.root_attrs["labels"] == ["segmentation", "fragments"]
+    found = {n.zarr.basename(): n for n in nodes if n.load(Label) is not None}
+    assert list(found) == ["segmentation", "fragments"]  # reached through that listing
+    seg = found["segmentation"]
+    assert seg.zarr.path.rstrip("/") == f"{listing.zarr.path.rstrip('/')}/segmentation"
+    assert seg.zarr.root_attrs["image-label"]["source"]["image"] == "../../"
+    assert seg.metadata["name"] == "segmentation" and seg.load(Multiscales) is not None
+    alone = list(Reader(parse_url(str(out / "labels" / "segmentation")))())
+    assert alone[0].zarr.path.rstrip("/") == str(out)  # image-label source: its parent image
+    assert [n.zarr.basename() for n in alone if n.visible] == ["segmentation"]
+    assert [d.shape for d in seg.data] == [(40, 150, 150), (40, 75, 75)]
+    assert [d.dtype for d in seg.data] == [np.uint64, np.uint64]
+    ours = open_volume(f"{out}/segmentation")
+    level0 = np.asarray(seg.data[0])
+    assert level0.max() > 0 and len(np.unique(level0)) > 10  # a real segmentation
+    np.testing.assert_array_equal(level0, ours[...])
+    np.testing.assert_array_equal(
+        np.asarray(seg.data[1]), open_volume(f"{out}/segmentation/1")[...]
+    )
+
+
 def shard_and_inner(array_dir: Path) -> tuple[list[int], list[int]]:
     meta = json.loads((array_dir / "zarr.json").read_text())
     (codec,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]

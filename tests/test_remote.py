@@ -1,4 +1,6 @@
-"""Outputs at fsspec URLs: memory:// (in this process), file://, and a missing filesystem."""
+"""Volumes at fsspec URLs: memory:// (in this process), file://, a missing filesystem, s3://
+on a real moto server (endpoint from the environment or from --storage-options), and
+read-only http:// inputs served by a local http.server."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -134,3 +137,207 @@ def test_s3_missing_bucket_and_credentials_are_one_line(s3: dict, sample: Path) 
                      "intensity", "-q")  # fmt: skip
     assert denied.returncode == 1, denied.stderr
     assert denied.stderr.strip().count("\n") == 0 and "credentials" in denied.stderr
+
+
+# --- --storage-options: the endpoint given on the command line, not in the environment ----
+
+
+def aws_only(s3: dict, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Credentials in this process's environment, the endpoint nowhere: returned, for
+    --storage-options to name."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, s3[key])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("FSSPEC_S3_ENDPOINT_URL", raising=False)
+    assert "endpoint_url" not in fsspec.config.conf.get("s3", {})
+    return s3["FSSPEC_S3_ENDPOINT_URL"]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_storage_options_carry_the_endpoint_for_inputs_and_outputs(
+    s3: dict, sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = aws_only(s3, monkeypatch)
+    flat = json.dumps({"endpoint_url": endpoint})
+    per_protocol = json.dumps({"s3": {"endpoint_url": endpoint}})
+    raw, url = str(sample / "raw.zarr"), "s3://ssn-test/options"
+    done = cli("convert", raw, f"{url}/raw.zarr", "--no-progress", "--storage-options", flat)
+    assert done.exit_code == 0, done.output  # written through the option
+    done = cli("infer", f"{url}/raw.zarr", "-o", str(tmp_path / "o.zarr"), "--model",
+               "intensity", "-q", "--storage-options", per_protocol)  # fmt: skip
+    assert done.exit_code == 0, done.output  # read through it
+    reference = cli("infer", raw, "-o", str(tmp_path / "local.zarr"), "--model", "intensity", "-q")
+    assert reference.exit_code == 0, reference.output
+    local = open_volume(str(tmp_path / "local.zarr/segmentation"))[...]
+    np.testing.assert_array_equal(open_volume(str(tmp_path / "o.zarr/segmentation"))[...], local)
+    done = cli("segment", str(tmp_path / "o.zarr/affinities"), "-o", f"{url}/seg.zarr", "-q",
+               "--storage-options", flat)  # fmt: skip
+    assert done.exit_code == 0, done.output  # written through it
+    local_seg = str(tmp_path / "local.zarr/segmentation")
+    scores = cli("evaluate", f"{url}/seg.zarr/segmentation", local_seg, "--json",
+                 "--storage-options", flat)  # fmt: skip
+    assert scores.exit_code == 0, scores.output  # segment repeats infer's settings exactly
+    assert json.loads(scores.stdout)["voi"] == pytest.approx(0.0, abs=1e-12)
+    from ssn_deploy.volumes import storage_options
+
+    with storage_options({"endpoint_url": endpoint}):  # the Python API of the option
+        np.testing.assert_array_equal(open_volume(f"{url}/seg.zarr/segmentation")[...], local)
+
+
+def test_pickled_url_volumes_reopen_with_their_storage_options(
+    s3: dict, sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a dask worker elsewhere (--scheduler) does with a task's volume: a process that
+    has neither the option nor the environment variable still reads the right server."""
+    import pickle
+
+    from ssn_deploy.volumes import convert, storage_options
+
+    endpoint = aws_only(s3, monkeypatch)
+    with storage_options({"endpoint_url": endpoint}):
+        convert(str(sample / "raw.zarr"), "s3://ssn-test/pickled/raw.zarr", progress=False)
+        volume = open_volume("s3://ssn-test/pickled/raw.zarr")
+    assert volume.storage_options == {"endpoint_url": endpoint}
+    expected = int(volume[40, :, :].astype(np.int64).sum())
+    read = "import pickle, sys; v = pickle.loads(sys.stdin.buffer.read()); print(int(v[40].sum()))"
+    env = {k: v for k, v in s3.items() if k != "FSSPEC_S3_ENDPOINT_URL"}
+    worker = subprocess.run([sys.executable, "-c", read], input=pickle.dumps(volume), env=env,
+                            capture_output=True, timeout=120)  # fmt: skip
+    assert worker.returncode == 0, worker.stderr.decode()
+    assert int(worker.stdout) == expected > 0
+
+
+def test_bad_storage_options_are_one_line(
+    s3: dict, sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = str(sample / "raw.zarr")
+    for command in (["infer", raw], ["segment", raw, "-o", "s.zarr"], ["evaluate", raw, raw],
+                    ["convert", raw, "c.zarr"], ["export-precomputed", raw, "p"],
+                    ["view", raw], ["verify", raw], ["select", raw],
+                    ["pretrain", raw]):  # fmt: skip
+        for bad, reason in (("{endpoint_url: 1}", "not valid JSON"), ('["a"]', "JSON object")):
+            result = cli(*command, "--storage-options", bad)
+            assert result.exit_code == 1, (command, result.output)
+            line = result.output.strip()
+            assert "\n" not in line and "--storage-options" in line and reason in line, line
+    endpoint = aws_only(s3, monkeypatch)
+    # the right endpoint in fsspec's configuration, as FSSPEC_S3_ENDPOINT_URL puts it: the
+    # option wins
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens there once the socket is closed
+    wrong = {"endpoint_url": f"http://127.0.0.1:{closed}",
+             "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    infer_to = ["infer", raw, "-o", "s3://ssn-test/wrong.zarr", "--model", "intensity", "-q"]
+    result = cli(*infer_to, "--storage-options", json.dumps(wrong))
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert "\n" not in line and f"127.0.0.1:{closed}" in line and "endpoint" in line, line
+    typo = {"endpoint_url": endpoint, "retires": 2}
+    result = cli(*infer_to, "--storage-options", json.dumps(typo))
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert "\n" not in line and "'retires' is not an option" in line, line
+    assert not fsspec.filesystem("s3", endpoint_url=endpoint).exists("ssn-test/wrong.zarr")
+
+
+# --- http(s):// inputs: read-only, served by a plain local http.server ------------------------
+
+
+@pytest.fixture(scope="module")
+def http(sample: Path):
+    """A ThreadingHTTPServer on a free 127.0.0.1 port serving the sample's directory as
+    static files (no directory listings, no Range requests, no PUT): its base URL, and the
+    request lines it received."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            requests.append(str(self.requestline))
+
+        def list_directory(self, path: str) -> None:  # a static server: no index pages
+            self.send_error(404, "no directory listings")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=sample))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def reference(sample: Path) -> Path:
+    """infer's output of the local sample (served over http too): sharded, with a pyramid."""
+    done = cli("infer", str(sample / "raw.zarr"), "-o", str(sample / "ref.zarr"), "--model",
+               "intensity", "-q", "--no-preview")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    return sample / "ref.zarr"
+
+
+def test_infer_reads_an_http_volume_like_the_local_one(
+    http, reference: Path, tmp_path: Path
+) -> None:
+    base, requests = http
+    remote = cli("infer", f"{base}/raw.zarr", "-o", str(tmp_path / "local.zarr"), "--model",
+                 "intensity", "-q")  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    assert any("GET /raw.zarr/0/c/" in r for r in requests)  # the chunks came over http
+    seg = open_volume(str(tmp_path / "local.zarr/segmentation"))
+    ref = open_volume(str(reference / "segmentation"))
+    assert seg.shape == (80, 160, 160) and seg.voxel_size == ref.voxel_size == (10, 10, 10)
+    assert seg.offset == ref.offset and len(np.unique(ref[...])) > 10
+    np.testing.assert_array_equal(seg[...], ref[...])
+    affinities = open_volume(str(tmp_path / "local.zarr/affinities"))
+    assert affinities.attrs["ssn_deploy"]["source"] == f"{base}/raw.zarr"
+    np.testing.assert_array_equal(affinities[...], open_volume(f"{reference}/affinities")[...])
+
+
+def test_sharded_http_volumes_read_without_range_support(http, reference: Path) -> None:
+    """infer's output is sharded (zarr reads byte ranges, which this server ignores): over
+    http it equals itself locally; a missing node is one line, though the server lists no
+    directories to say what there is."""
+    base, _ = http
+    local = str(reference / "labels/segmentation")
+    scores = cli("evaluate", f"{base}/ref.zarr/segmentation", local, "--json")
+    assert scores.exit_code == 0, scores.output
+    assert json.loads(scores.stdout)["voi"] == pytest.approx(0.0, abs=1e-12)
+    level = open_volume(f"{base}/ref.zarr/labels/segmentation/1")
+    np.testing.assert_array_equal(level[...], open_volume(f"{local}/1")[...])
+    missing = cli("evaluate", f"{base}/ref.zarr/nothing", local)
+    assert missing.exit_code == 1 and "\n" not in missing.output.strip(), missing.output
+    assert "no dataset 'nothing'" in missing.output and "lists no directories" in missing.output
+
+
+def test_writing_to_http_is_refused_before_any_work(http, sample: Path) -> None:
+    base, requests = http
+    raw = str(sample / "raw.zarr")
+    before = len(requests)
+    for command in (["infer", raw, "-o", f"{base}/x.zarr", "--model", "intensity"],
+                    ["segment", raw, "-o", f"{base}/x.zarr"],
+                    ["convert", raw, f"{base}/x.zarr"],
+                    ["convert", f"{base}/raw.zarr", "https://127.0.0.1:9/x.zarr"]):  # fmt: skip
+        result = cli(*command, "-q")
+        assert result.exit_code == 1, (command, result.output)
+        line = result.output.strip()
+        assert "\n" not in line and "read-only" in line and "x.zarr" in line, line
+    assert not any("x.zarr" in r for r in requests[before:])  # not even asked whether it exists
+    assert not (sample / "x.zarr").exists()
+
+
+def test_default_output_of_an_http_volume_is_in_the_working_directory() -> None:
+    from ssn_deploy.cli import default_output
+
+    assert default_output("http://127.0.0.1:8000/data/raw.zarr") == "raw.ssn.zarr"
+    assert default_output("https://host/raw.zarr/labels") == "raw.ssn.zarr"
+    assert default_output("s3://bucket/dir/raw.zarr") == "s3://bucket/dir/raw.ssn.zarr"
+    assert default_output("data.hdf:volumes/raw") == "data.ssn.zarr"

@@ -48,7 +48,7 @@ from ssn_deploy.agglomeration.stitching import (
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
-from ssn_deploy.inference.scheduling import dask_client, run_blocks
+from ssn_deploy.inference.scheduling import dask_client, run_blocks, timed_stage
 from ssn_deploy.outputs import finish_stage
 from ssn_deploy.provenance import RUN_KEYS, model_provenance, run_provenance
 from ssn_deploy.volumes import (
@@ -338,8 +338,10 @@ def segment_blockwise(
         task = functools.partial(
             _fragment_block, affs, frags, faces, frag_markers, offsets, anisotropic, tiles
         )
-        _run_stage(client, task, grid, frag_markers, progress, "fragments")
-        finish_stage(frags, client, label=True, progress=progress)
+        with timed_stage("fragments"):
+            _run_stage(client, task, grid, frag_markers, progress, "fragments")
+        with timed_stage("fragment_pyramid"):
+            finish_stage(frags, client, label=True, progress=progress)
         parts: list[EdgeStats] = []
         vote_parts: list[Votes] = []
 
@@ -353,14 +355,16 @@ def segment_blockwise(
 
         task = functools.partial(_edge_block, affs, frags, faces, offsets, tuple(tiles.block_shape))
         limit = 2 * sum(client.nthreads().values())
-        run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
-        stats = merge_edge_stats(parts)
-        mapping = stitch_mapping(*stitched_pairs(merge_votes(vote_parts)))
-        stats = merge_stitched(stats, mapping)
-        log.info("region graph: %d edges (%d fragments stitched across tile faces)",
-                 len(stats), len(mapping))  # fmt: skip
-        history = with_stitches(agglomerate(stats, stop=threshold), mapping)
-        lookup = history.lookup(threshold)
+        with timed_stage("edges"):
+            run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
+        with timed_stage("agglomeration"):
+            stats = merge_edge_stats(parts)
+            mapping = stitch_mapping(*stitched_pairs(merge_votes(vote_parts)))
+            stats = merge_stitched(stats, mapping)
+            log.info("region graph: %d edges (%d fragments stitched across tile faces)",
+                     len(stats), len(mapping))  # fmt: skip
+            history = with_stitches(agglomerate(stats, stop=threshold), mapping)
+            lookup = history.lookup(threshold)
         attrs = provenance | {
             "stage": "segmentation",
             "threshold": threshold,
@@ -373,6 +377,8 @@ def segment_blockwise(
         if resume:
             seg_markers.verify(grid, [seg])
         task = functools.partial(_relabel_block, frags, seg, seg_markers, lookup)
-        _run_stage(client, task, grid, seg_markers, progress, "segmentation")
-        finish_stage(seg, client, label=True, progress=progress)
+        with timed_stage("relabel"):
+            _run_stage(client, task, grid, seg_markers, progress, "segmentation")
+        with timed_stage("segmentation_pyramid"):
+            finish_stage(seg, client, label=True, progress=progress)
     return seg, history

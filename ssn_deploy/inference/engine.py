@@ -36,7 +36,7 @@ from ssn_deploy.inference.block import predict_block
 from ssn_deploy.inference.checks import check_raw, describe, input_identity
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
 from ssn_deploy.inference.predictor import Predictor
-from ssn_deploy.inference.scheduling import dask_client, run_blocks
+from ssn_deploy.inference.scheduling import dask_client, run_blocks, timed_stage
 from ssn_deploy.outputs import finish_stage
 from ssn_deploy.provenance import run_provenance
 from ssn_deploy.volumes import Volume, create_volume, open_volume, overlaps
@@ -267,8 +267,9 @@ def predict_affinities(
     )
     with dask_client(scheduler, workers) as client:
         limit = max_in_flight or 2 * sum(client.nthreads().values())
-        run_blocks(
-            client, task, pending, limit, len(blocks), int(finished.sum()), progress, "affinities"
-        )
-        finish_stage(out, client, label=False, progress=progress)
+        with timed_stage("affinities"):
+            done = int(finished.sum())
+            run_blocks(client, task, pending, limit, len(blocks), done, progress, "affinities")
+        with timed_stage("affinity_pyramid"):
+            finish_stage(out, client, label=False, progress=progress)
     return out

@@ -2,12 +2,14 @@
 
 Every blockwise stage (affinities, fragments, edge statistics, relabelling) submits its blocks
 through :func:`run_blocks`, so at most ``limit`` tasks are pending whatever the volume size, and
-the first error cancels the rest.
+the first error cancels the rest. :func:`timed_stage` adds a stage's wall seconds to the
+:func:`recording_stages` around it (``infer``'s ``stage_seconds``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import time
@@ -19,6 +21,32 @@ from ssn_deploy.geometry import Block
 
 CONNECT_TIMEOUT = "10s"
 """A scheduler that does not answer in this long is unreachable (a LAN connects in ms)."""
+
+_STAGE_SECONDS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "stage_seconds", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_stages(seconds: dict[str, float]) -> Iterator[dict[str, float]]:
+    """Add the wall seconds of every :func:`timed_stage` run inside to ``seconds``, by name."""
+    token = _STAGE_SECONDS.set(seconds)
+    try:
+        yield seconds
+    finally:
+        _STAGE_SECONDS.reset(token)
+
+
+@contextlib.contextmanager
+def timed_stage(name: str) -> Iterator[None]:
+    """Time the enclosed code as stage ``name`` (only inside :func:`recording_stages`)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = _STAGE_SECONDS.get()
+        if seconds is not None:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @contextlib.contextmanager
