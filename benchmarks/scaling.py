@@ -41,25 +41,14 @@ import _common as c
 import psutil
 from end_to_end import revision
 
+from ssn_deploy.pipeline import INFER_STAGES
+
 SIZES = (128, 256, 512)
 QUICK_SIZES = (64, 128)
 SAMPLE_S = 0.2
 RAW_SHAPE = 520
 ACCEPTANCE = {"time_per_voxel": 1.3, "peak_rss": 1.5}  # 512³ over 128³
-STAGES = (
-    "setup",
-    "affinities",
-    "affinity_pyramid",
-    "fragments",
-    "fragment_pyramid",
-    "edges",
-    "agglomeration",
-    "relabel",
-    "segmentation_pyramid",
-    "preview",
-    "other",
-    "startup",
-)
+STAGES = (*INFER_STAGES, "startup")  # startup: imports and exit, outside infer()
 
 
 def parse_args() -> argparse.Namespace:

@@ -420,6 +420,22 @@ def resolve_model(model: str, voxel_size: Sequence[float] | None) -> tuple[str, 
     )
 
 
+INFER_STAGES = (
+    "setup",
+    "affinities",
+    "affinity_pyramid",
+    "fragments",
+    "fragment_pyramid",
+    "edges",
+    "agglomeration",
+    "relabel",
+    "segmentation_pyramid",
+    "preview",
+    "other",
+)
+"""The keys of :func:`infer`'s ``stage_seconds``, in the order the stages run."""
+
+
 SEGMENTATION_KEY = "segmentation"
 """Key of the affinities' ``ssn_deploy`` attributes that ``segment`` takes its defaults from."""
 

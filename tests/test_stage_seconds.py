@@ -8,21 +8,9 @@ from click.testing import CliRunner
 
 from ssn_deploy.cli import main
 from ssn_deploy.inference.scheduling import recording_stages, timed_stage
-from ssn_deploy.pipeline import infer
+from ssn_deploy.pipeline import INFER_STAGES, infer
 
-STAGES = [
-    "setup",
-    "affinities",
-    "affinity_pyramid",
-    "fragments",
-    "fragment_pyramid",
-    "edges",
-    "agglomeration",
-    "relabel",
-    "segmentation_pyramid",
-    "preview",
-    "other",
-]
+STAGES = list(INFER_STAGES)
 
 
 def test_timed_stage_adds_up_by_name_and_records_nothing_outside() -> None:
