@@ -42,6 +42,7 @@ from ssn_deploy.inference.triton_backend import DEFAULT_TIMEOUT as TRITON_TIMEOU
 from ssn_deploy.inference.triton_backend import TritonOptions, check_patch_fits
 from ssn_deploy.outputs import describe_root, stage_specs
 from ssn_deploy.preview import write_preview
+from ssn_deploy.pyramid import pyramid_factors
 from ssn_deploy.storage import (
     absolute_spec,
     check_free_space,
@@ -230,10 +231,20 @@ def check_storage(
         remove_temporaries(out)
 
 
-def output_bytes(shape: Sequence[int], channels: int, affinity_dtype: str) -> tuple[int, int]:
-    """(at least, uncompressed) bytes of infer's affinities, fragments and segmentation."""
-    parts = [stored_bytes((channels, *shape), affinity_dtype)]
-    parts += [stored_bytes(shape, np.uint64)] * 2
+def output_bytes(
+    shape: Sequence[int],
+    channels: int,
+    affinity_dtype: str,
+    voxel_size: Sequence[float] | None = None,
+) -> tuple[int, int]:
+    """(at least, uncompressed) bytes of infer's affinities, fragments and segmentation, every
+    pyramid level included (a 3D 2× pyramid adds about a seventh; in-plane only, a third)."""
+    parts = []
+    level = np.asarray(shape, dtype=np.int64)
+    for factor in [(1, 1, 1), *pyramid_factors(shape, voxel_size)]:
+        level = -(-level // np.asarray(factor))
+        parts.append(stored_bytes((channels, *level), affinity_dtype))
+        parts += [stored_bytes(level, np.uint64)] * 2
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
@@ -330,7 +341,9 @@ def infer(
     threshold = check_threshold(threshold)
     check_block_and_tile(geometry.block_shape, geometry.fragment_tile)
     if not resume:  # a resumed run has written part of it already
-        check_free_space(out, *output_bytes(raw.shape, predictor.num_channels, affinity_dtype))
+        check_free_space(
+            out, *output_bytes(raw.shape, predictor.num_channels, affinity_dtype, raw.voxel_size)
+        )
     log.info("geometry: %s", geometry)
     specs = stage_specs(out)
     timings = {}
