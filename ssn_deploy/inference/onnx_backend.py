@@ -58,10 +58,10 @@ class OnnxPredictor(SpecGeometry):
             )
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
-        # No memory-pattern planning (onnxruntime's pre-planned allocation per input shape), as
-        # it raised the peak. Measured on a 256³ infer (benchmarks/scaling.py's crop, 2 cores): peak RSS
-        # 3.25 -> 2.40 GB, affinities 58.7 -> 56.7 s; disabling the arena instead saved 1.04 GB
-        # but cost 8 % of the time.
+        # No memory-pattern planning (onnxruntime's pre-planned allocation per input shape):
+        # it raised the peak. Measured on a 256³ infer (benchmarks/scaling.py's crop, 2 cores):
+        # peak RSS 3.25 -> 2.40 GB, affinities 58.7 -> 56.7 s; disabling the arena instead saved
+        # 1.04 GB but cost 8 % of the time.
         options.enable_mem_pattern = False
         if threads is not None:
             if threads < 1:
