@@ -270,6 +270,25 @@ def test_worker_batches_do_not_depend_on_worker_count_and_resume_exactly(
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
+def test_a_killed_loader_worker_raises_instead_of_hanging(tiny_train, tmp_path) -> None:
+    """A worker lost (e.g. to the OOM killer) is an error, not a wait for a task that will
+    never finish (multiprocessing.Pool's behaviour)."""
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    trainer = Trainer(tiny_config(tiny_train, loader_workers=2, batch_size=2), tmp_path)
+    try:
+        trainer.next_batch()
+        for pid in list(trainer.loader.pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            for _ in range(20):  # prefetched samples may still arrive first
+                trainer.next_batch()
+    finally:
+        trainer.close_loader()
+
+
 def test_loader_workers_are_refused_for_semi_supervised_training(tiny_train) -> None:
     raw = tiny_config(tiny_train, loader_workers=2).to_dict()
     raw["semi"] = {"method": "mean_teacher", "unlabeled": [{"raw": raw["data"]["raw"]}]}
