@@ -55,3 +55,22 @@ def test_levels_preserve_order_exactly_or_quantise_beyond_the_limit() -> None:
         flood_levels(np.array([0.1, np.nan], np.float32))
     with pytest.raises(ValueError, match="shape"):
         seeded_watershed(np.zeros((3, 3)), np.zeros((3, 4), np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hashed_levels_equal_the_ranks_of_the_sorted_distinct_values(dtype) -> None:
+    """The hash-table ranking = np.unique + searchsorted, on a boundary map of real-looking
+    uint8 affinities (1 − mean of three: distinct floats a few ulps apart), with −0.0 = 0.0,
+    and on integer-valued maps."""
+    rng = np.random.default_rng(3)
+    affs = rng.integers(0, 256, (3, 9, 40, 40)).astype(dtype) / dtype(255)
+    boundary = (1.0 - affs.mean(axis=0, dtype=dtype)).astype(dtype)
+    boundary.flat[:5] = [0.0, -0.0, 0.0, -0.0, 1.0]
+    for values in (boundary, np.rint(boundary * 50)):
+        levels, n = flood_levels(values)
+        unique = np.unique(values)
+        assert n == len(unique) and levels.dtype == np.uint16
+        np.testing.assert_array_equal(levels, np.searchsorted(unique, values))
+    assert flood_levels(np.array([-0.0, 0.0], dtype))[1] == 1
+    with pytest.raises(ValueError, match="infinite"):
+        flood_levels(np.array([0.1, -np.inf], dtype))

@@ -19,7 +19,7 @@ from ome_zarr_models.v05 import Image, ImageLabel, Labels
 from ssn_deploy.cli import main
 from ssn_deploy.export.tensorrt import file_sha256
 from ssn_deploy.inference.scheduling import dask_client
-from ssn_deploy.pyramid import pyramid_factors, write_pyramid
+from ssn_deploy.pyramid import downsample_mode, pyramid_factors, write_pyramid
 from ssn_deploy.volumes import create_volume, open_volume, shard_layout
 
 BLOCK = (32, 128, 128)
@@ -276,3 +276,22 @@ def test_pyramid_levels_equal_the_numpy_reference_and_carry_their_transforms(
     Image.from_zarr(zarr.open_group(str(tmp_path / "image.zarr"), mode="r"))
     assert pyramid_factors((300, 1250, 1250), (40, 4, 4)) == [(1, 2, 2)] * 3 + [(2, 2, 2)]
     assert pyramid_factors((64, 127, 500), (8, 8, 8)) == []
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2), (1, 3, 3)])
+def test_mode_downsampling_takes_the_most_frequent_id_and_the_smallest_among_ties(factor) -> None:
+    """The compiled mode against a direct count per window, on few labels (many ties) and on
+    volumes whose sides the factor does not divide (the last voxel repeats)."""
+    rng = np.random.default_rng(sum(factor))
+    labels = rng.integers(0, 4, (7, 9, 11)).astype(np.uint64) * np.uint64(2**40)
+    coarse = downsample_mode(labels, factor)
+    assert coarse.shape == tuple(-(-n // f) for n, f in zip(labels.shape, factor, strict=True))
+    padded = np.pad(
+        labels, [(0, -n % f) for n, f in zip(labels.shape, factor, strict=True)], "edge"
+    )
+    for index in itertools.product(*(range(n) for n in coarse.shape)):
+        window = padded[
+            tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factor, strict=True))
+        ]
+        ids, counts = np.unique(window, return_counts=True)
+        assert coarse[index] == ids[np.argmax(counts)]  # unique sorts: argmax = smallest of ties

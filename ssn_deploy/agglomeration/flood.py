@@ -30,8 +30,22 @@ def flood_levels(values: np.ndarray) -> tuple[np.ndarray, int]:
     that, :data:`MAX_LEVELS` equal steps from the minimum to the maximum. Exactness matters:
     rounding the last bits of a boundary map from uint8 affinities (1 − mean, 1,081 distinct
     floats for 766 sums) into ties changed which fragment claims boundary voxels enough to move
-    the test region's VOI by 0.05.
+    the test region's VOI by 0.05 (so did ranking by the exact integer sums instead).
     """
+    flat = np.ascontiguousarray(values).ravel()
+    if flat.dtype in (np.float32, np.float64):
+        # a hash table of the distinct values in two linear passes: np.unique's sort and
+        # searchsorted's binary searches took 0.42 s of the 7.8 MVox test region, this ~0.1 s
+        bits = flat.view(np.uint32 if flat.dtype == np.float32 else np.uint64)
+        keys, used, count = _distinct(flat, bits, min(MAX_LEVELS, flat.size))
+        if count < 0:
+            raise ValueError("the flooded map holds NaN or infinite values")
+        if count <= MAX_LEVELS:
+            order = np.argsort(keys[used], kind="stable")
+            rank = np.zeros(len(keys), np.uint16)
+            rank[np.flatnonzero(used)[order]] = np.arange(count, dtype=np.uint16)
+            _check_sorted(keys[used][order])
+            return _ranks(flat, bits, keys, rank).reshape(values.shape), count
     unique = np.unique(values)
     if not (np.isfinite(unique[0]) and np.isfinite(unique[-1])):
         raise ValueError("the flooded map holds NaN or infinite values")
@@ -40,6 +54,60 @@ def flood_levels(values: np.ndarray) -> tuple[np.ndarray, int]:
     lo, hi = float(unique[0]), float(unique[-1])
     scaled = (np.asarray(values, np.float64) - lo) * ((MAX_LEVELS - 1) / (hi - lo))
     return np.rint(scaled).astype(np.uint16), MAX_LEVELS
+
+
+def _check_sorted(distinct: np.ndarray) -> None:
+    """Distinct values are distinct (−0.0 and 0.0 were folded into one key)."""
+    assert len(distinct) < 2 or bool(np.all(distinct[1:] > distinct[:-1]))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _slot(value, bits, mask):  # pragma: no cover - compiled
+    """Start slot of ``value``: a multiplicative hash of its bits (−0.0 hashed as 0.0)."""
+    key = np.uint64(0) if value == 0 else np.uint64(bits)
+    return int((key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def _distinct(flat, bits, limit):  # pragma: no cover - compiled
+    """Open-addressing table (at most half full) of the distinct finite values of ``flat``
+    (``count`` −1 if one is NaN or infinite; ``limit + 1`` as soon as there are more than
+    ``limit``)."""
+    size = 1
+    while size < 2 * max(limit, 1):
+        size *= 2
+    mask = size - 1
+    keys = np.zeros(size, flat.dtype)
+    used = np.zeros(size, np.bool_)
+    count = 0
+    for i in range(flat.shape[0]):
+        value = flat[i]
+        if not np.isfinite(value):
+            return keys, used, -1
+        slot = _slot(value, bits[i], mask)
+        while used[slot] and keys[slot] != value:
+            slot = (slot + 1) & mask
+        if not used[slot]:
+            if count == limit:
+                return keys, used, limit + 1
+            used[slot] = True
+            keys[slot] = value
+            count += 1
+    return keys, used, count
+
+
+@numba.njit(nogil=True, cache=True)
+def _ranks(flat, bits, keys, rank):  # pragma: no cover - compiled
+    """The rank of each value, looked up in the table of :func:`_distinct`."""
+    mask = keys.shape[0] - 1
+    out = np.empty(flat.shape[0], np.uint16)
+    for i in range(flat.shape[0]):
+        value = flat[i]
+        slot = _slot(value, bits[i], mask)
+        while keys[slot] != value:
+            slot = (slot + 1) & mask
+        out[i] = rank[slot]
+    return out
 
 
 def seeded_watershed(values: np.ndarray, seeds: np.ndarray) -> np.ndarray:
