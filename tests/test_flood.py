@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from skimage.segmentation import watershed
 
+from ssn_deploy.affinities import boundary_map
 from ssn_deploy.agglomeration.flood import MAX_LEVELS, flood_levels, seeded_watershed
+from ssn_deploy.agglomeration.fragments import stored_boundary_map
 
 
 def random_case(rng: np.random.Generator, ndim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,3 +76,22 @@ def test_hashed_levels_equal_the_ranks_of_the_sorted_distinct_values(dtype) -> N
     assert flood_levels(np.array([-0.0, 0.0], dtype))[1] == 1
     with pytest.raises(ValueError, match="infinite"):
         flood_levels(np.array([0.1, -np.inf], dtype))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 12])
+def test_stored_boundary_map_equals_numpy_bit_for_bit(channels) -> None:
+    """The one-pass boundary map of stored uint8 affinities = numpy's float32 ``1 − mean`` of
+    ``stored / scale`` to the last bit (the flood's order depends on every bit), for any
+    channel count and scale; other dtypes take numpy's path."""
+    rng = np.random.default_rng(channels)
+    stored = rng.integers(0, 256, (channels, 6, 25, 27)).astype(np.uint8)
+    for scale in (255.0, 100.0, 1.0):
+        expected = boundary_map(stored.astype(np.float32) / np.float32(scale))
+        got = stored_boundary_map(stored, scale)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    pick = list(range(0, channels, 2))
+    expected = boundary_map(stored.astype(np.float32) / np.float32(255), pick)
+    np.testing.assert_array_equal(stored_boundary_map(stored, 255.0, pick), expected)
+    floats = stored.astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(stored_boundary_map(floats, 1.0), boundary_map(floats))

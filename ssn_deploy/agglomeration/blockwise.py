@@ -176,16 +176,14 @@ def _fragment_block(
     ):
         tile = tiles.block(index)
         read = tile.write_box.grow(context).intersect(total)
-        data = stored[(slice(None), *read.relative_to(around).slices)].astype(np.float32)
-        if scale != 1.0:
-            data /= np.float32(scale)
-        frags = watershed_fragments(data, offsets=offsets, anisotropic=anisotropic)
+        data = stored[(slice(None), *read.relative_to(around).slices)]
+        frags = watershed_fragments(data, offsets=offsets, anisotropic=anisotropic, scale=scale)
         core_slices = tile.write_box.relative_to(read).slices
         core = np.ascontiguousarray(frags[core_slices])
         local, _ = fastremap.renumber(core, start=0)  # pieces 1..n inside the tile's id range
         first = np.uint64(tile.block_id * tile_voxels + 1)
         here = tile.write_box.relative_to(block.write_box).slices
-        result[here] = local.astype(np.uint64) + first
+        np.add(local, first, out=result[here], casting="unsafe")  # no temporaries
         flags[here] = continuity_flags(frags, core_slices)
     faces[block.write_box] = flags
     out[block.write_box] = result

@@ -134,33 +134,36 @@ def _flood(levels, labels, steps, n_levels):  # pragma: no cover - compiled
 
     Seeds enter first, at their own level, in raster order; voxels leave the queue by level
     and, within a level, in the order they entered. A voxel enters at max(its level, the level
-    being flooded): the flood never goes down (as in skimage), so the level only rises. Future
-    levels are linked lists through ``nxt``; the level being flooded, where most voxels go,
-    also has a contiguous FIFO (``ring``) for those that arrive while it is flooded, drained
-    after its list (they arrived later): the same order, with sequential rather than scattered
-    queue writes for most voxels.
+    being flooded): the flood never goes down (as in skimage), so the level only rises.
+
+    Layout: a voxel that enters above the level being flooded enters at its own level, so the
+    queue of level L holds at most the voxels of level L: the queues are contiguous buckets of
+    one array, sized by a histogram of the levels, read and appended sequentially (linked lists
+    through a ``next`` array were a chain of dependent cache misses: 1.9× slower on the test
+    region). Voxels that arrive at or below the level being flooded go to a FIFO (``ring``),
+    drained after that level's bucket (they arrived later): the same order.
     """
     n = labels.shape[0]
-    head = np.full(n_levels, -1, np.int64)
-    tail = np.full(n_levels, -1, np.int64)
-    nxt = np.empty(n, np.int32)  # flooded arrays are tiles: far below 2**31 voxels
+    count = np.zeros(n_levels + 1, np.int64)
+    for v in range(n):
+        if labels[v] >= 0:
+            count[levels[v] + 1] += 1
+    start = np.cumsum(count)  # the bucket of level L is bucket[start[L]:start[L + 1]]
+    cursor = start[:-1].copy()  # where the next voxel of each level is appended
+    bucket = np.empty(n, np.int32)  # flooded arrays are tiles: far below 2**31 voxels
     ring = np.empty(n, np.int32)  # every voxel enters the queue at most once
-    for v in np.flatnonzero(labels > 0):
-        _append(v, levels[v], head, tail, nxt)
-    current = 0
-    while True:
-        while current < n_levels and head[current] == -1:
-            current += 1
-        if current == n_levels:
-            return
+    for v in range(n):
+        if labels[v] > 0:
+            bucket[cursor[levels[v]]] = v
+            cursor[levels[v]] += 1
+    for current in range(n_levels):
+        read = start[current]
         first = 0
         end = 0
         while True:
-            if head[current] != -1:
-                v = head[current]
-                head[current] = nxt[v]
-                if head[current] == -1:
-                    tail[current] = -1
+            if read < cursor[current]:  # no voxel joins this bucket while it is flooded
+                v = bucket[read]
+                read += 1
             elif first < end:
                 v = ring[first]
                 first += 1
@@ -172,19 +175,10 @@ def _flood(levels, labels, steps, n_levels):  # pragma: no cover - compiled
                 if labels[j] != 0:
                     continue
                 labels[j] = label
-                if levels[j] <= current:
+                level = levels[j]
+                if level <= current:
                     ring[end] = j
                     end += 1
                 else:
-                    _append(j, levels[j], head, tail, nxt)
-
-
-@numba.njit(nogil=True, inline="always")
-def _append(v, level, head, tail, nxt):  # pragma: no cover - compiled
-    """Append ``v`` to the linked list of ``level``."""
-    nxt[v] = -1
-    if tail[level] == -1:
-        head[level] = v
-    else:
-        nxt[tail[level]] = v
-    tail[level] = v
+                    bucket[cursor[level]] = j
+                    cursor[level] += 1

@@ -49,11 +49,16 @@ log = logging.getLogger(__name__)
 
 
 def checksum(*arrays: np.ndarray) -> int:
-    """A nonzero 64-bit digest of the arrays' bytes (0 means "not finished")."""
-    digest = hashlib.blake2b(digest_size=8)
+    """A nonzero 64-bit digest of the arrays' bytes (0 means "not finished").
+
+    SHA-256, truncated: with the CPU's SHA instructions it hashes 1.8 GB/s against blake2b's
+    0.66 (one core here), 0.1 s less per 7.8 MVox block of fragments and segmentation. Blocks
+    marked by a release that used blake2b fail verification on ``--resume`` and are recomputed.
+    """
+    digest = hashlib.sha256()
     for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return int.from_bytes(digest.digest(), "little") | 1
+        digest.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # no bytes copy
+    return int.from_bytes(digest.digest()[:8], "little") | 1
 
 
 def markers_spec(output_spec: str) -> str:
