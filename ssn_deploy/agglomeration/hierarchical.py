@@ -134,7 +134,7 @@ def agglomerate(
     that appear in ``stats``.
     """
     with _without_cyclic_gc():
-        return _merge(stats, fragments, stop, quantile, init)
+        return _merge(stats, fragments, stop, quantile, init)[0]
 
 
 def _merge(
@@ -143,8 +143,15 @@ def _merge(
     stop: float,
     quantile: int,
     init: str,
-) -> MergeHistory:
-    """The merging itself: see :func:`agglomerate`."""
+    frozen: np.ndarray | None = None,
+) -> tuple[MergeHistory, list[tuple[int, int, list[int]]]]:
+    """The merging itself: see :func:`agglomerate`.
+
+    With ``frozen`` (a flag per fragment of ``ids``: it has edges this graph does not hold),
+    an edge whose turn comes while one of its regions is frozen is not merged but deferred,
+    and freezes the other region too (:mod:`.superblocks`). Returns the history and the edges
+    left between frozen regions: (region, region, histogram as a list of bins).
+    """
     ids = np.union1d(stats.u, stats.v) if fragments is None else np.unique(np.asarray(fragments))
     ids = ids.astype(np.uint64)
     bins = stats.histogram.shape[1]
@@ -167,6 +174,7 @@ def _merge(
     merged_a: list[int] = []
     merged_b: list[int] = []
     scores: list[float] = []
+    is_frozen = [False] * len(ids) if frozen is None else np.asarray(frozen, bool).tolist()
     slot = 0
     while slot < n_slots:
         queue = queues[slot]
@@ -189,6 +197,9 @@ def _merge(
                     break
                 continue
             a, b = eu[e], ev[e]
+            if is_frozen[a] or is_frozen[b]:  # its score may not be the lowest any more
+                is_frozen[a] = is_frozen[b] = True  # once the frozen side's edges are known
+                continue
             adj_a, adj_b = adjacency[a], adjacency[b]
             if len(adj_a) < len(adj_b):  # fold the smaller adjacency into the larger
                 a, b, adj_a, adj_b = b, a, adj_b, adj_a
@@ -225,12 +236,18 @@ def _merge(
             adj_b.clear()
         else:
             slot += 1
-    return MergeHistory(
+    history = MergeHistory(
         fragments=ids,
         a=np.asarray(merged_a, np.int64),
         b=np.asarray(merged_b, np.int64),
         score=np.asarray(scores, np.float64),
     )
+    left = [
+        (eu[e], ev[e], hists[e])
+        for e in range(len(stats))
+        if not deleted[e] and is_frozen[eu[e]] and is_frozen[ev[e]]
+    ] if frozen is not None else []  # fmt: skip
+    return history, left
 
 
 def relabel(fragments: np.ndarray, lookup: Mapping[int, int]) -> np.ndarray:
