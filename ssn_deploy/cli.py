@@ -806,6 +806,16 @@ def infer(
     help="2D fragments per section (serial-section EM) or 3D [default: infer's, else from the "
     "voxel size: z >= 2x the pixel size is anisotropic].",
 )
+@click.option(
+    "--agglomeration",
+    type=click.Choice(["global", "superblocks"]),
+    default="global",
+    show_default=True,
+    help="global: one region graph reduced on the client (a threshold sweep from one run); "
+    "superblocks: edges kept beside the fragments and merged super-block by super-block in "
+    "dask tasks, so the client never holds the graph (for volumes whose graph does not fit; "
+    "equal scores may be taken in another order, see the README).",
+)
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
@@ -821,6 +831,7 @@ def segment(
     block_shape: str | None,
     tile: str | None,
     anisotropic: bool | None,
+    agglomeration: str,
     scheduler: str | None,
     workers: int,
     resume: bool,
@@ -882,8 +893,13 @@ def segment(
             resume=resume,
             overwrite=overwrite,
             progress=not no_progress,
+            superblocks=agglomeration == "superblocks",
         )
-    counts = f"{len(history.fragments):,} fragments, {len(history.score):,} merges"
+    counts = (
+        f"{len(history.fragments):,} fragments, {len(history.score):,} merges"
+        if history is not None
+        else "merged by super-blocks"
+    )
     click.echo(f"segmentation: {seg.spec} ({counts})")
 
 

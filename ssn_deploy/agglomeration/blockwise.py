@@ -34,7 +34,12 @@ import numpy as np
 from ssn_deploy.affinities import Offset, validate_offsets
 from ssn_deploy.agglomeration.fragments import watershed_fragments
 from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, relabel
-from ssn_deploy.agglomeration.region_graph import EdgeStats, edge_statistics, merge_edge_stats
+from ssn_deploy.agglomeration.region_graph import (
+    BINS,
+    EdgeStats,
+    edge_statistics,
+    merge_edge_stats,
+)
 from ssn_deploy.agglomeration.stitching import (
     Votes,
     continuity_flags,
@@ -45,6 +50,13 @@ from ssn_deploy.agglomeration.stitching import (
     stitched_pairs,
     with_stitches,
 )
+from ssn_deploy.agglomeration.superblock_store import (
+    EdgeStore,
+    merge_stored_group,
+    route_block,
+    segment_ids,
+)
+from ssn_deploy.agglomeration.superblocks import levels_for, tile_groups
 from ssn_deploy.errors import ConfigError, InputNotFoundError, InvalidInputError
 from ssn_deploy.geometry import Block, BlockGrid, Box
 from ssn_deploy.inference.done import BlockMarkers, refuse_changed_settings
@@ -57,6 +69,7 @@ from ssn_deploy.volumes import (
     open_volume,
     refuse_overlap,
     resolved_spec,
+    url_options,
 )
 
 log = logging.getLogger(__name__)
@@ -211,6 +224,50 @@ def _edge_block(
     return block.write_box.size, stats, votes
 
 
+def _stored_edge_block(
+    affs: Volume,
+    frags: Volume,
+    faces: Volume,
+    offsets: tuple[Offset, ...],
+    tile_shape: tuple[int, ...],
+    store: EdgeStore,
+    block: Block,
+) -> tuple[int, Votes]:
+    """:func:`_edge_block` that keeps its statistics in ``store`` (only the face votes, small,
+    go to the client)."""
+    size, stats, votes = _edge_block(affs, frags, faces, offsets, tile_shape, block)
+    store.write(f"blocks/b{block.block_id}.npz", u=stats.u, v=stats.v, count=stats.count,
+                total=stats.total, histogram=stats.histogram)  # fmt: skip
+    return size, votes
+
+
+def _route_block(store: EdgeStore, stitches: dict[int, int], block: Block) -> int:
+    data = store.read(f"blocks/b{block.block_id}.npz")
+    if data is not None:
+        stats = EdgeStats(data["u"], data["v"], data["count"], data["total"], data["histogram"])
+        route_block(store, block.block_id, stats, stitches)
+    return block.write_box.size
+
+
+def _stored_relabel_block(
+    frags: Volume, out: Volume, markers: BlockMarkers, store: EdgeStore, stitches: dict,
+    block: Block,
+) -> int:  # fmt: skip
+    labels = segment_ids(store, frags[block.write_box], stitches)
+    out[block.write_box] = labels
+    markers.mark(block, labels)
+    return block.write_box.size
+
+
+def edge_store(fragments_spec: str, tiles: BlockGrid) -> EdgeStore:
+    """Where super-block agglomeration keeps its files: ``…/fragments_edges`` beside the
+    fragments, grouped by tiles (level 0) and 2×2×2 super-blocks above."""
+    root = fragments_spec.removesuffix("/") + "_edges"
+    grid = tuple(int(n) for n in tiles.grid_shape)
+    return EdgeStore(root, tile_groups(tuple(tiles.block_shape), grid), levels_for(grid),
+                     url_options(root))  # fmt: skip
+
+
 def _relabel_block(
     frags: Volume, out: Volume, markers: BlockMarkers, lookup: dict[int, int], block: Block
 ) -> int:
@@ -285,11 +342,14 @@ def segment_blockwise(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> tuple[Volume, MergeHistory]:
+    superblocks: bool = False,
+) -> tuple[Volume, MergeHistory | None]:
     """Affinities (C×Z×Y×X zarr) → fragments and a uint64 segmentation at ``threshold``.
 
     Returns the segmentation and the merge history (whose ``lookup(t)`` gives any other
-    threshold below 1 without recomputation).
+    threshold below 1 without recomputation). With ``superblocks`` the region graph never
+    reaches the client: edges are kept in storage and merged super-block by super-block in
+    dask tasks (:mod:`.superblock_store`); there is then no history (None).
     """
     if resume and overwrite:
         raise ConfigError("--resume continues an output and --overwrite replaces it: pick one")
@@ -351,8 +411,17 @@ def segment_blockwise(
                 vote_parts[:] = [merge_votes(vote_parts)]
             return result[0]
 
-        task = functools.partial(_edge_block, affs, frags, faces, offsets, tuple(tiles.block_shape))
         limit = 2 * sum(client.nthreads().values())
+        if superblocks:
+            store = edge_store(frags.spec, tiles)
+            store.clear()  # edges are always recomputed (cheap), also on --resume
+            seg, merges = _superblock_stages(
+                client, affs, frags, faces, offsets, tiles, grid, store, segmentation_spec,
+                provenance, threshold, resume, overwrite, progress,
+            )  # fmt: skip
+            log.info("super-block agglomeration: %d merges", merges)
+            return seg, None
+        task = functools.partial(_edge_block, affs, frags, faces, offsets, tuple(tiles.block_shape))
         with timed_stage("edges"):
             run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
         with timed_stage("agglomeration"):
@@ -380,3 +449,67 @@ def segment_blockwise(
         with timed_stage("segmentation_pyramid"):
             finish_stage(seg, client, label=True, progress=progress)
     return seg, history
+
+
+def _superblock_stages(
+    client: Any,
+    affs: Volume,
+    frags: Volume,
+    faces: Volume,
+    offsets: tuple[Offset, ...],
+    tiles: BlockGrid,
+    grid: BlockGrid,
+    store: EdgeStore,
+    segmentation_spec: str,
+    provenance: dict,
+    threshold: float,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> tuple[Volume, int]:
+    """Edges, stitches, routing, one pass per level, relabel: see :mod:`.superblock_store`."""
+    limit = 2 * sum(client.nthreads().values())
+    vote_parts: list[Votes] = []
+
+    def consume(result: tuple[int, Votes]) -> int:
+        vote_parts.append(result[1])
+        if len(vote_parts) >= REDUCE_EVERY:
+            vote_parts[:] = [merge_votes(vote_parts)]
+        return result[0]
+
+    shape = tuple(tiles.block_shape)
+    task = functools.partial(_stored_edge_block, affs, frags, faces, offsets, shape, store)
+    with timed_stage("edges"):
+        run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
+    merges = 0
+    with timed_stage("agglomeration"):
+        stitches = stitch_mapping(*stitched_pairs(merge_votes(vote_parts)))
+        task = functools.partial(_route_block, store, stitches)
+        run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "routing")
+        for level in range(store.levels + 1):
+            sizes = -(-np.asarray(tiles.grid_shape) // (1 << level))
+            futures = client.map(
+                merge_stored_group, [store] * int(np.prod(sizes)), [level] * int(np.prod(sizes)),
+                range(int(np.prod(sizes))), [threshold] * int(np.prod(sizes)),
+                [BINS] * int(np.prod(sizes)), pure=False,
+            )  # fmt: skip
+            merges += sum(client.gather(futures))
+            log.info("super-block level %d: %d groups", level, int(np.prod(sizes)))
+    attrs = provenance | {
+        "stage": "segmentation",
+        "threshold": threshold,
+        "merge_function": "aff50_his256",
+        "agglomeration": "super-blocks (ssn_deploy.agglomeration.superblock_store)",
+        "fragments": resolved_spec(frags.spec),
+    }
+    seg, seg_markers = _blockwise_output(
+        segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
+    )
+    if resume:
+        seg_markers.verify(grid, [seg])
+    task = functools.partial(_stored_relabel_block, frags, seg, seg_markers, store, stitches)
+    with timed_stage("relabel"):
+        _run_stage(client, task, grid, seg_markers, progress, "segmentation")
+    with timed_stage("segmentation_pyramid"):
+        finish_stage(seg, client, label=True, progress=progress)
+    return seg, merges

@@ -1,0 +1,181 @@
+"""Super-block agglomeration (:mod:`.superblocks`) as dask tasks over edges kept in storage.
+
+Nothing global passes through the client but the tile-face stitches: every block writes its
+edge statistics; a second pass renames stitched fragments and sends each edge to the level
+and group where both its ends first share a group (``rows/L{level}/g{group}/b{block}.npz``),
+and tells every lower level's groups which of their nodes that edge freezes
+(``frozen/L{level}/g{group}/b{block}.npz``). Then, level by level, one task per group reads
+its rows (partial statistics of one pair, from several blocks, are summed before the merge
+rule takes their highest bin), renames their ends by the maps of the levels below, adds the
+deferred edges its children sent up (``up/L{level}/g{group}/c{child}.npz``), merges with
+:func:`~.superblocks.merge_group`, writes its map (``map/L{level}/g{group}.npz``: node →
+region) and sends its own deferred edges up. A block's segment ids are its fragments renamed
+by the stitches and then by the maps of its groups, level after level.
+
+A task holds one group's edges, so memory follows the super-block, not the volume; the files
+live beside the fragments (any fsspec URL). ``tests/test_superblocks.py`` checks that the
+result equals :func:`~.superblocks.agglomerate_by_groups` on the same graph exactly.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fastremap
+import fsspec
+import numpy as np
+
+from ssn_deploy.agglomeration.region_graph import EdgeStats
+from ssn_deploy.agglomeration.stitching import merge_stitched
+from ssn_deploy.agglomeration.superblocks import (
+    GroupOf,
+    _ordered,
+    _summed,
+    as_multisets,
+    merge_group,
+)
+
+
+@dataclass(frozen=True)
+class EdgeStore:
+    """A folder (fsspec URL) of the files above, and the grouping it was written with."""
+
+    root: str
+    group_of: GroupOf
+    levels: int
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def fs(self) -> Any:
+        return fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))[0]
+
+    def _path(self, name: str) -> str:
+        return fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))[1] + "/" + name
+
+    def write(self, name: str, **arrays: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        fs = self.fs
+        path = self._path(name)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, buffer.getvalue())
+
+    def read(self, name: str) -> dict[str, np.ndarray] | None:
+        fs, path = self.fs, self._path(name)
+        if not fs.exists(path):
+            return None
+        with np.load(io.BytesIO(fs.cat_file(path))) as data:
+            return {k: data[k] for k in data.files}
+
+    def read_all(self, folder: str) -> list[dict[str, np.ndarray]]:
+        fs, path = self.fs, self._path(folder)
+        if not fs.exists(path):
+            return []
+        out = []
+        for name in sorted(fs.ls(path, detail=False)):
+            with np.load(io.BytesIO(fs.cat_file(name))) as data:
+                out.append({k: data[k] for k in data.files})
+        return out
+
+    def clear(self) -> None:
+        fs, path = self.fs, self._path("")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _stats(data: dict[str, np.ndarray]) -> EdgeStats:
+    n = len(data["u"])
+    return EdgeStats(data["u"], data["v"], np.ones(n, np.int64), np.zeros(n), data["histogram"])
+
+
+def route_block(
+    store: EdgeStore, block_id: int, stats: EdgeStats, stitches: Mapping[int, int]
+) -> None:
+    """Send a block's edge statistics to the level and group where their ends meet, and mark
+    the ends frozen in the groups of every level below."""
+    stats = merge_stitched(stats, dict(stitches))
+    if not len(stats):
+        return
+    u, v = stats.u, stats.v
+    level = np.full(len(u), -1, np.int64)
+    groups_u = [store.group_of(u, k) for k in range(store.levels + 1)]
+    groups_v = [store.group_of(v, k) for k in range(store.levels + 1)]
+    for k in range(store.levels + 1):
+        level[(level < 0) & (groups_u[k] == groups_v[k])] = k
+    if (level < 0).any():
+        raise ValueError(f"the grouping leaves more than one group at level {store.levels}")
+    for k in range(store.levels + 1):
+        here = level == k
+        for group in np.unique(groups_u[k][here]).tolist():
+            rows = here & (groups_u[k] == group)
+            store.write(f"rows/L{k}/g{group}/b{block_id}.npz", u=u[rows], v=v[rows],
+                        histogram=stats.histogram[rows])  # fmt: skip
+        above = level > k  # this edge is still between groups at level k: its ends are frozen
+        ends = np.concatenate([u[above], v[above]])
+        end_groups = np.concatenate([groups_u[k][above], groups_v[k][above]])
+        for group in np.unique(end_groups).tolist():
+            store.write(f"frozen/L{k}/g{group}/b{block_id}.npz",
+                        ids=np.unique(ends[end_groups == group]))  # fmt: skip
+
+
+def resolve(store: EdgeStore, ids: np.ndarray, levels: int) -> np.ndarray:
+    """``ids`` (stitched fragments) renamed by the maps of levels ``0 … levels − 1``."""
+    ids = np.asarray(ids, np.uint64)
+    for k in range(levels):
+        groups = store.group_of(ids, k)
+        out = ids.copy()
+        for group in np.unique(groups).tolist():
+            data = store.read(f"map/L{k}/g{group}.npz")
+            if data is None:
+                continue
+            here = groups == group
+            mapping = dict(zip(data["node"].tolist(), data["region"].tolist(), strict=True))
+            out[here] = fastremap.remap(ids[here], mapping, preserve_missing_labels=True)
+        ids = out
+    return ids
+
+
+def merge_stored_group(store: EdgeStore, level: int, group: int, stop: float, bins: int) -> int:
+    """One group of one level (a dask task): returns the merges it made."""
+    parts = []
+    rows = store.read_all(f"rows/L{level}/g{group}")
+    if rows:
+        summed = _summed([EdgeStats(r["u"], r["v"], np.ones(len(r["u"]), np.int64),
+                                    np.zeros(len(r["u"])), r["histogram"]) for r in rows],
+                         bins)  # fmt: skip
+        first = as_multisets(summed)  # the highest bin of each pair's whole histogram
+        u, v = _ordered(resolve(store, first.u, level), resolve(store, first.v, level))
+        parts.append(EdgeStats(u, v, first.count, first.total, first.histogram))
+    parts += [_stats(up) for up in store.read_all(f"up/L{level}/g{group}")]
+    graph = _summed(parts, bins)
+    if not len(graph):
+        return 0
+    frozen_parts = [f["ids"] for f in store.read_all(f"frozen/L{level}/g{group}")]
+    frozen = (
+        np.unique(resolve(store, np.concatenate(frozen_parts), level))
+        if frozen_parts
+        else np.zeros(0, np.uint64)
+    )
+    region, up = merge_group(graph, frozen, stop)
+    nodes = np.fromiter(region.keys(), np.uint64, len(region))
+    regions = np.fromiter(region.values(), np.uint64, len(region))
+    store.write(f"map/L{level}/g{group}.npz", node=nodes, region=regions)
+    if len(up):
+        if level == store.levels:
+            raise RuntimeError("edges left after the top level")  # no group can freeze there
+        parent = int(store.group_of(up.u[:1], level + 1)[0])
+        store.write(f"up/L{level + 1}/g{parent}/c{group}.npz", u=up.u, v=up.v,
+                    histogram=up.histogram)  # fmt: skip
+    return int((nodes != regions).sum())
+
+
+def segment_ids(store: EdgeStore, fragments: np.ndarray, stitches: Mapping[int, int]) -> np.ndarray:
+    """Segment id of every voxel of a block's ``fragments``."""
+    flat = np.unique(fragments)
+    stitched = fastremap.remap(flat, dict(stitches), preserve_missing_labels=True)
+    final = resolve(store, stitched, store.levels + 1)
+    lookup = dict(zip(flat.tolist(), final.tolist(), strict=True))
+    return fastremap.remap(fragments, lookup, preserve_missing_labels=True)
