@@ -16,8 +16,9 @@ Three dask passes over the same block grid (shards == blocks, so no two tasks wr
 Fragments and segmentation blocks are marked when written (:mod:`ssn_deploy.inference.done`),
 so a rerun with ``resume`` skips them; edge statistics are recomputed (cheap: one pass of
 integer comparisons). The region graph lives in the client's memory: O(fragment pairs), about
-2 kB per edge with its histogram — the limit past which a hierarchical (per super-block)
-reduction is needed (DESIGN §5).
+2 kB per edge with its histogram. With ``superblocks=True`` it never does: blocks keep their
+statistics in files and dask tasks merge them super-block by super-block
+(:mod:`.superblock_store`, DESIGN §5); the client only reduces the tile-face votes.
 """
 
 from __future__ import annotations

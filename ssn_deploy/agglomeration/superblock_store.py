@@ -19,6 +19,7 @@ result equals :func:`~.superblocks.agglomerate_by_groups` on the same graph exac
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,10 +33,10 @@ from ssn_deploy.agglomeration.region_graph import EdgeStats
 from ssn_deploy.agglomeration.stitching import merge_stitched
 from ssn_deploy.agglomeration.superblocks import (
     GroupOf,
-    _ordered,
-    _summed,
     as_multisets,
     merge_group,
+    ordered_pairs,
+    sum_duplicates,
 )
 
 
@@ -48,12 +49,16 @@ class EdgeStore:
     levels: int
     storage_options: Mapping[str, Any] | None = None
 
+    @functools.cached_property
+    def _location(self) -> tuple[Any, str]:
+        return fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))
+
     @property
     def fs(self) -> Any:
-        return fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))[0]
+        return self._location[0]
 
     def _path(self, name: str) -> str:
-        return fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))[1] + "/" + name
+        return f"{self._location[1]}/{name}"
 
     def write(self, name: str, **arrays: np.ndarray) -> None:
         buffer = io.BytesIO()
@@ -143,14 +148,14 @@ def merge_stored_group(store: EdgeStore, level: int, group: int, stop: float, bi
     parts = []
     rows = store.read_all(f"rows/L{level}/g{group}")
     if rows:
-        summed = _summed([EdgeStats(r["u"], r["v"], np.ones(len(r["u"]), np.int64),
+        summed = sum_duplicates([EdgeStats(r["u"], r["v"], np.ones(len(r["u"]), np.int64),
                                     np.zeros(len(r["u"])), r["histogram"]) for r in rows],
                          bins)  # fmt: skip
         first = as_multisets(summed)  # the highest bin of each pair's whole histogram
-        u, v = _ordered(resolve(store, first.u, level), resolve(store, first.v, level))
+        u, v = ordered_pairs(resolve(store, first.u, level), resolve(store, first.v, level))
         parts.append(EdgeStats(u, v, first.count, first.total, first.histogram))
     parts += [_stats(up) for up in store.read_all(f"up/L{level}/g{group}")]
-    graph = _summed(parts, bins)
+    graph = sum_duplicates(parts, bins)
     if not len(graph):
         return 0
     frozen_parts = [f["ids"] for f in store.read_all(f"frozen/L{level}/g{group}")]

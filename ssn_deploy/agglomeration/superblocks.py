@@ -60,11 +60,11 @@ def _subset(stats: EdgeStats, keep: np.ndarray) -> EdgeStats:
     )
 
 
-def _ordered(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ordered_pairs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(u, v), np.maximum(u, v)
 
 
-def _summed(parts: list[EdgeStats], bins: int) -> EdgeStats:
+def sum_duplicates(parts: list[EdgeStats], bins: int) -> EdgeStats:
     """One row per pair, statistics summed: relabelled edges between groups repeat pairs
     (two fragments merged at this level touched the same neighbour), which
     :func:`~.region_graph.merge_edge_stats` does not expect within one part."""
@@ -107,7 +107,7 @@ def merge_group(
     for i, (a, b, hist) in enumerate(left):
         u[i], v[i] = region[int(ids[a])], region[int(ids[b])]
         histogram[i] = np.bincount(hist, minlength=bins)
-    u, v = _ordered(u, v)
+    u, v = ordered_pairs(u, v)
     up = EdgeStats(u, v, histogram.sum(axis=1), np.zeros(len(left)), histogram)
     return region, up
 
@@ -142,7 +142,7 @@ def agglomerate_by_groups(
         if relabel:
             segment = fastremap.remap(segment, relabel, preserve_missing_labels=True)
             between = EdgeStats(
-                *_ordered(
+                *ordered_pairs(
                     fastremap.remap(between.u, relabel, preserve_missing_labels=True),
                     fastremap.remap(between.v, relabel, preserve_missing_labels=True),
                 ),
@@ -151,7 +151,7 @@ def agglomerate_by_groups(
                 between.histogram,
             )
             parts[0] = between
-        graph = _summed(parts, stats.histogram.shape[1])
+        graph = sum_duplicates(parts, stats.histogram.shape[1])
         reports.append(LevelReport(level, len(groups), int(inside.sum()), merges, len(graph)))
     return dict(zip(fragments.tolist(), segment.tolist(), strict=True)), reports
 
