@@ -260,6 +260,10 @@ def _stored_relabel_block(
     return block.write_box.size
 
 
+def _merge_group_task(store: EdgeStore, level: int, threshold: float, group: int) -> int:
+    return merge_stored_group(store, level, group, threshold, BINS)
+
+
 def edge_store(fragments_spec: str, tiles: BlockGrid) -> EdgeStore:
     """Where super-block agglomeration keeps its files: ``…/fragments_edges`` beside the
     fragments, grouped by tiles (level 0) and 2×2×2 super-blocks above."""
@@ -482,20 +486,23 @@ def _superblock_stages(
     task = functools.partial(_stored_edge_block, affs, frags, faces, offsets, shape, store)
     with timed_stage("edges"):
         run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "edges", consume)
-    merges = 0
     with timed_stage("agglomeration"):
         stitches = stitch_mapping(*stitched_pairs(merge_votes(vote_parts)))
         task = functools.partial(_route_block, store, stitches)
         run_blocks(client, task, iter(grid), limit, len(grid), 0, progress, "routing")
+        counted: list[int] = []
+
+        def count(result: int) -> int:
+            counted.append(result)
+            return 0  # no voxels: the bar counts groups
+
         for level in range(store.levels + 1):
-            sizes = -(-np.asarray(tiles.grid_shape) // (1 << level))
-            futures = client.map(
-                merge_stored_group, [store] * int(np.prod(sizes)), [level] * int(np.prod(sizes)),
-                range(int(np.prod(sizes))), [threshold] * int(np.prod(sizes)),
-                [BINS] * int(np.prod(sizes)), pure=False,
-            )  # fmt: skip
-            merges += sum(client.gather(futures))
-            log.info("super-block level %d: %d groups", level, int(np.prod(sizes)))
+            groups = int(np.prod(-(-np.asarray(tiles.grid_shape) // (1 << level))))
+            task = functools.partial(_merge_group_task, store, level, threshold)
+            desc = f"super-blocks level {level}"
+            run_blocks(client, task, iter(range(groups)), limit, groups, 0, progress, desc, count)
+            log.info("super-block level %d: %d groups", level, groups)
+        merges = sum(counted)
     attrs = provenance | {
         "stage": "segmentation",
         "threshold": threshold,
