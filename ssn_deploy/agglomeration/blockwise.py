@@ -437,23 +437,45 @@ def segment_blockwise(
                      len(stats), len(mapping))  # fmt: skip
             history = with_stitches(agglomerate(stats, stop=threshold), mapping)
             lookup = history.lookup(threshold)
-        attrs = provenance | {
-            "stage": "segmentation",
-            "threshold": threshold,
-            "merge_function": "aff50_his256",
-            "fragments": resolved_spec(frags.spec),
-        }
-        seg, seg_markers = _blockwise_output(
-            segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
-        )
-        if resume:
-            seg_markers.verify(grid, [seg])
-        task = functools.partial(_relabel_block, frags, seg, seg_markers, lookup)
-        with timed_stage("relabel"):
-            _run_stage(client, task, grid, seg_markers, progress, "segmentation")
-        with timed_stage("segmentation_pyramid"):
-            finish_stage(seg, client, label=True, progress=progress)
+        seg = _segmentation_stage(
+            client, affs, frags, grid, segmentation_spec,
+            provenance | {"threshold": threshold},
+            lambda seg, markers: functools.partial(_relabel_block, frags, seg, markers, lookup),
+            resume=resume, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
     return seg, history
+
+
+def _segmentation_stage(
+    client: Any,
+    affs: Volume,
+    frags: Volume,
+    grid: BlockGrid,
+    spec: str,
+    attrs: dict,
+    relabel_task: Any,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> Volume:
+    """Create (or, resuming, check) the segmentation, run ``relabel_task(seg, markers)`` on
+    every unfinished block, then write its pyramid."""
+    attrs = attrs | {
+        "stage": "segmentation",
+        "merge_function": "aff50_his256",
+        "fragments": resolved_spec(frags.spec),
+    }
+    seg, markers = _blockwise_output(
+        spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
+    )
+    if resume:
+        markers.verify(grid, [seg])
+    with timed_stage("relabel"):
+        _run_stage(client, relabel_task(seg, markers), grid, markers, progress, "segmentation")
+    with timed_stage("segmentation_pyramid"):
+        finish_stage(seg, client, label=True, progress=progress)
+    return seg
 
 
 def _superblock_stages(
@@ -503,21 +525,13 @@ def _superblock_stages(
             run_blocks(client, task, iter(range(groups)), limit, groups, 0, progress, desc, count)
             log.info("super-block level %d: %d groups", level, groups)
         merges = sum(counted)
-    attrs = provenance | {
-        "stage": "segmentation",
-        "threshold": threshold,
-        "merge_function": "aff50_his256",
-        "agglomeration": "super-blocks (ssn_deploy.agglomeration.superblock_store)",
-        "fragments": resolved_spec(frags.spec),
-    }
-    seg, seg_markers = _blockwise_output(
-        segmentation_spec, affs, grid, {"ssn_deploy": attrs}, resume=resume, overwrite=overwrite
-    )
-    if resume:
-        seg_markers.verify(grid, [seg])
-    task = functools.partial(_stored_relabel_block, frags, seg, seg_markers, store, stitches)
-    with timed_stage("relabel"):
-        _run_stage(client, task, grid, seg_markers, progress, "segmentation")
-    with timed_stage("segmentation_pyramid"):
-        finish_stage(seg, client, label=True, progress=progress)
+    seg = _segmentation_stage(
+        client, affs, frags, grid, segmentation_spec,
+        provenance | {"threshold": threshold,
+                      "agglomeration": "super-blocks (ssn_deploy.agglomeration.superblock_store)"},
+        lambda seg, markers: functools.partial(
+            _stored_relabel_block, frags, seg, markers, store, stitches
+        ),
+        resume=resume, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
     return seg, merges
