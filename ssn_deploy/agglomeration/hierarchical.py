@@ -137,6 +137,16 @@ def agglomerate(
         return _merge(stats, fragments, stop, quantile, init)[0]
 
 
+def agglomerate_deferring(
+    stats: EdgeStats, fragments: np.ndarray, frozen: np.ndarray, stop: float
+) -> tuple[MergeHistory, list[tuple[int, int, list[int]]]]:
+    """:func:`agglomerate` of a super-block's graph (histograms as multisets, ``init="all"``)
+    with the ``frozen`` fragments' edges deferred: the history and the edges left between
+    frozen regions (see :func:`_merge` and :mod:`.superblocks`)."""
+    with _without_cyclic_gc():
+        return _merge(stats, fragments, stop, 50, "all", frozen)
+
+
 def _merge(
     stats: EdgeStats,
     fragments: Sequence[int] | np.ndarray | None,

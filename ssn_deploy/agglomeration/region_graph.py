@@ -76,6 +76,21 @@ def _group(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return su[new], sv[new], inverse
 
 
+def sum_pairs(
+    u: np.ndarray, v: np.ndarray, count: np.ndarray, total: np.ndarray, histogram: np.ndarray
+) -> EdgeStats:
+    """One row per ``(u, v)`` pair (``u < v`` given), every statistic summed over the rows that
+    repeat it — rows renamed by merges or stitches, or one pair's parts from several blocks."""
+    gu, gv, inverse = _group(u, v)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+
+    def add(values: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(values[order], starts, axis=0) if len(values) else values
+
+    return EdgeStats(gu, gv, add(count), add(total), add(histogram))
+
+
 def _hash_keys(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique keys (≥ 0) and every key's index among them, by vectorised hashing.
 

@@ -29,7 +29,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ssn_deploy.agglomeration.hierarchical import MergeHistory
-from ssn_deploy.agglomeration.region_graph import EdgeStats, _group
+from ssn_deploy.agglomeration.region_graph import EdgeStats, _group, sum_pairs
 
 LOW, HIGH = 0, 3
 """Bit ``LOW + axis``: the voxel's piece continues across the core's lower face along ``axis``;
@@ -166,14 +166,7 @@ def merge_stitched(stats: EdgeStats, mapping: dict[int, int]) -> EdgeStats:
     )
     keep = a != b
     u, v = np.minimum(a, b)[keep], np.maximum(a, b)[keep]
-    gu, gv, inverse = _group(u, v)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
-
-    def add(values: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(values[keep][order], starts, axis=0)
-
-    return EdgeStats(gu, gv, add(stats.count), add(stats.total), add(stats.histogram))
+    return sum_pairs(u, v, stats.count[keep], stats.total[keep], stats.histogram[keep])
 
 
 def with_stitches(history: MergeHistory, mapping: dict[int, int]) -> MergeHistory:

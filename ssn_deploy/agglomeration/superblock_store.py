@@ -69,18 +69,21 @@ class EdgeStore:
         fs.pipe_file(path, buffer.getvalue())
 
     def read(self, name: str) -> dict[str, np.ndarray] | None:
-        fs, path = self.fs, self._path(name)
-        if not fs.exists(path):
+        try:
+            raw = self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
             return None
-        with np.load(io.BytesIO(fs.cat_file(path))) as data:
+        with np.load(io.BytesIO(raw)) as data:
             return {k: data[k] for k in data.files}
 
     def read_all(self, folder: str) -> list[dict[str, np.ndarray]]:
-        fs, path = self.fs, self._path(folder)
-        if not fs.exists(path):
+        fs = self.fs
+        try:
+            names = sorted(fs.ls(self._path(folder), detail=False))
+        except FileNotFoundError:
             return []
         out = []
-        for name in sorted(fs.ls(path, detail=False)):
+        for name in names:
             with np.load(io.BytesIO(fs.cat_file(name))) as data:
                 out.append({k: data[k] for k in data.files})
         return out
@@ -145,25 +148,21 @@ def resolve(store: EdgeStore, ids: np.ndarray, levels: int) -> np.ndarray:
 
 def merge_stored_group(store: EdgeStore, level: int, group: int, stop: float, bins: int) -> int:
     """One group of one level (a dask task): returns the merges it made."""
-    parts = []
     rows = store.read_all(f"rows/L{level}/g{group}")
-    if rows:
-        summed = sum_duplicates([EdgeStats(r["u"], r["v"], np.ones(len(r["u"]), np.int64),
-                                    np.zeros(len(r["u"])), r["histogram"]) for r in rows],
-                         bins)  # fmt: skip
-        first = as_multisets(summed)  # the highest bin of each pair's whole histogram
-        u, v = ordered_pairs(resolve(store, first.u, level), resolve(store, first.v, level))
-        parts.append(EdgeStats(u, v, first.count, first.total, first.histogram))
-    parts += [_stats(up) for up in store.read_all(f"up/L{level}/g{group}")]
-    graph = sum_duplicates(parts, bins)
+    ups = [_stats(up) for up in store.read_all(f"up/L{level}/g{group}")]
+    frozen_parts = [f["ids"] for f in store.read_all(f"frozen/L{level}/g{group}")]
+    first = as_multisets(sum_duplicates([_stats(r) for r in rows], bins))  # highest bin per pair
+    # Rows and frozen ids name stitched fragments: one pass over the lower levels' maps renames
+    # them all (``up`` edges were renamed by the group that sent them).
+    frozen = np.concatenate(frozen_parts) if frozen_parts else np.zeros(0, np.uint64)
+    ends = [np.asarray(a, np.uint64) for a in (first.u, first.v, frozen)]
+    named = resolve(store, np.concatenate(ends), level)
+    n = len(first)
+    u, v = ordered_pairs(named[:n], named[n : 2 * n])
+    graph = sum_duplicates([EdgeStats(u, v, first.count, first.total, first.histogram), *ups], bins)
     if not len(graph):
         return 0
-    frozen_parts = [f["ids"] for f in store.read_all(f"frozen/L{level}/g{group}")]
-    frozen = (
-        np.unique(resolve(store, np.concatenate(frozen_parts), level))
-        if frozen_parts
-        else np.zeros(0, np.uint64)
-    )
+    frozen = np.unique(named[2 * n :])
     region, up = merge_group(graph, frozen, stop)
     nodes = np.fromiter(region.keys(), np.uint64, len(region))
     regions = np.fromiter(region.values(), np.uint64, len(region))

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import fastremap
 import numpy as np
 
-from ssn_deploy.agglomeration.hierarchical import _merge, _top_bins, _without_cyclic_gc
-from ssn_deploy.agglomeration.region_graph import EdgeStats
+from ssn_deploy.agglomeration.hierarchical import _top_bins, agglomerate_deferring
+from ssn_deploy.agglomeration.region_graph import EdgeStats, sum_pairs
 
 GroupOf = Callable[[np.ndarray, int], np.ndarray]
 """``group_of(ids, level)`` → an int64 group key per id; keys of one level must coarsen those
@@ -65,23 +65,16 @@ def ordered_pairs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def sum_duplicates(parts: list[EdgeStats], bins: int) -> EdgeStats:
-    """One row per pair, statistics summed: relabelled edges between groups repeat pairs
+    """The parts as one table, one row per pair: relabelled edges between groups repeat pairs
     (two fragments merged at this level touched the same neighbour), which
     :func:`~.region_graph.merge_edge_stats` does not expect within one part."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return EdgeStats.empty(bins)
-    u = np.concatenate([p.u for p in parts])
-    v = np.concatenate([p.v for p in parts])
-    order = np.lexsort((v, u))
-    u, v = u[order], v[order]
-    first = np.flatnonzero(np.r_[True, (u[1:] != u[:-1]) | (v[1:] != v[:-1])])
+    return sum_pairs(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
 
-    def total(field: str) -> np.ndarray:
-        values = np.concatenate([getattr(p, field) for p in parts])[order]
-        return np.add.reduceat(values, first, axis=0)
 
-    return EdgeStats(u[first], v[first], total("count"), total("total"), total("histogram"))
+_FIELDS = ("u", "v", "count", "total", "histogram")
 
 
 def merge_group(
@@ -92,8 +85,7 @@ def merge_group(
     edges left between frozen regions, relabelled."""
     ids = np.union1d(stats.u, stats.v).astype(np.uint64)
     frozen = np.isin(ids, frozen_ids)
-    with _without_cyclic_gc():
-        history, left = _merge(stats, ids, stop, 50, "all", frozen)
+    history, left = agglomerate_deferring(stats, ids, frozen, stop)
     roots = history.segment_ids(stop)  # a fragment id of each node's region
     smallest = {}
     for fragment, root in zip(ids.tolist(), roots.tolist(), strict=True):
@@ -137,7 +129,6 @@ def agglomerate_by_groups(
             mapping, up = merge_group(here, frozen, stop)
             region.update(mapping)
             parts.append(up)
-        merges = sum(1 for k, r in region.items() if k != r)
         relabel = {k: r for k, r in region.items() if k != r}
         if relabel:
             segment = fastremap.remap(segment, relabel, preserve_missing_labels=True)
@@ -152,7 +143,7 @@ def agglomerate_by_groups(
             )
             parts[0] = between
         graph = sum_duplicates(parts, stats.histogram.shape[1])
-        reports.append(LevelReport(level, len(groups), int(inside.sum()), merges, len(graph)))
+        reports.append(LevelReport(level, len(groups), int(inside.sum()), len(relabel), len(graph)))
     return dict(zip(fragments.tolist(), segment.tolist(), strict=True)), reports
 
 
