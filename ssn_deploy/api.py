@@ -108,6 +108,7 @@ def segment(
     block_shape: Sequence[int] | None = None,
     fragment_tile: Sequence[int] | None = None,
     anisotropic: bool | None = None,
+    agglomeration: str | None = None,
     **options: Any,
 ) -> np.ndarray | dict[str, Any]:
     """Fragments and agglomeration of stored or in-memory affinities (``ssn-deploy segment``).
@@ -135,7 +136,7 @@ def segment(
         affs = open_volume(spec)
         settings = segmentation_settings(
             affs, threshold=threshold, block_shape=block_shape, fragment_tile=fragment_tile,
-            anisotropic=anisotropic,
+            anisotropic=anisotropic, agglomeration=agglomeration,
         )  # fmt: skip
         target = out or f"{tmp}/out.zarr"
         specs = stage_specs(target)
@@ -143,7 +144,7 @@ def segment(
             affs, specs["fragments"], specs["segmentation"],
             threshold=settings["threshold"], block_shape=settings["block_shape"],
             fragment_tile=settings["fragment_tile"], anisotropic=settings["anisotropic"],
-            **options,
+            superblocks=settings["agglomeration"] == "superblocks", **options,
         )  # fmt: skip
         if out is not None:
             return {"fragments": specs["fragments"], "segmentation": seg.spec, **settings}

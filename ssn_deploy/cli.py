@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ssn_deploy import __version__
-from ssn_deploy.cli_base import Group, quiet_dask, storage_options_option
+from ssn_deploy.cli_base import Group, agglomeration_option, quiet_dask, storage_options_option
 
 log = logging.getLogger("ssn_deploy")
 
@@ -674,6 +674,7 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
     show_default=True,
     help="How affinities are stored (uint8 = x255).",
 )
+@agglomeration_option("global")
 @click.option("--resume", is_flag=True, help="Continue a killed run; finished blocks are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -707,6 +708,7 @@ def infer(
     workers: int,
     voxel_size: str | None,
     affinity_dtype: str,
+    agglomeration: str | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -752,6 +754,7 @@ def infer(
             workers=workers,
             voxel_size=parse_voxel_size(voxel_size),
             affinity_dtype=affinity_dtype,
+            agglomeration=agglomeration or "global",
             resume=resume,
             overwrite=overwrite,
             progress=not no_progress,
@@ -806,16 +809,7 @@ def infer(
     help="2D fragments per section (serial-section EM) or 3D [default: infer's, else from the "
     "voxel size: z >= 2x the pixel size is anisotropic].",
 )
-@click.option(
-    "--agglomeration",
-    type=click.Choice(["global", "superblocks"]),
-    default="global",
-    show_default=True,
-    help="global: one region graph reduced on the client (a threshold sweep from one run); "
-    "superblocks: edges kept beside the fragments and merged super-block by super-block in "
-    "dask tasks, so the client never holds the graph (for volumes whose graph does not fit; "
-    "equal scores may be taken in another order, see the README).",
-)
+@agglomeration_option("the one infer used for AFFINITIES, else global")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")
@@ -831,7 +825,7 @@ def segment(
     block_shape: str | None,
     tile: str | None,
     anisotropic: bool | None,
-    agglomeration: str,
+    agglomeration: str | None,
     scheduler: str | None,
     workers: int,
     resume: bool,
@@ -872,10 +866,11 @@ def segment(
         block_shape=_int_triple(block_shape, "--block-shape"),
         fragment_tile=_int_triple(tile, "--fragment-tile"),
         anisotropic=anisotropic,
+        agglomeration=agglomeration,
     )
     click.echo(
         "settings: threshold {threshold}, {kind} fragments, blocks {block_shape}, "
-        "fragment tile {fragment_tile} ({origin})".format(
+        "fragment tile {fragment_tile}, {agglomeration} agglomeration ({origin})".format(
             kind="2D (per section)" if settings["anisotropic"] else "3D", **settings
         )
     )
@@ -893,7 +888,7 @@ def segment(
             resume=resume,
             overwrite=overwrite,
             progress=not no_progress,
-            superblocks=agglomeration == "superblocks",
+            superblocks=settings["agglomeration"] == "superblocks",
         )
     counts = (
         f"{len(history.fragments):,} fragments, {len(history.score):,} merges"

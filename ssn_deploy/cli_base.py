@@ -86,6 +86,20 @@ def storage_options_option(f: Callable) -> Callable:
     )(f)
 
 
+def agglomeration_option(default: str) -> Callable[[Callable], Callable]:
+    """``--agglomeration`` of infer and segment."""
+    return click.option(
+        "--agglomeration",
+        type=click.Choice(["global", "superblocks"]),
+        default=None,
+        help="global: one region graph reduced on the client (a threshold sweep from one "
+        "run); superblocks: edges kept beside the fragments and merged super-block by "
+        "super-block in dask tasks, so the client never holds the graph (for volumes whose "
+        "graph does not fit; equal scores may be taken in another order, see the README) "
+        f"[default: {default}].",
+    )
+
+
 class Command(click.Command):
     """Every command takes ``-v``/``-q`` after its name as well as before it (``ssn-deploy
     infer -v …`` = ``ssn-deploy -v infer …``); ``-q`` also hides progress bars. A command with

@@ -268,6 +268,7 @@ def infer(
     batch_size: int = 1,
     voxel_size: Sequence[float] | None = None,
     affinity_dtype: str = "uint8",
+    agglomeration: str = "global",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -288,8 +289,11 @@ def infer(
     (the CLI prints it before any work; by default it is logged). ``url`` (``HOST:PORT``)
     sends the patches to a Triton server instead (``backend="triton"``, implied by ``url``):
     ``protocol`` grpc | http, ``triton_model`` the served model, ``triton_timeout`` seconds
-    per request; the model and its geometry are then the server's."""
+    per request; the model and its geometry are then the server's. ``agglomeration``:
+    ``global`` (one region graph on the client) or ``superblocks`` (merged in dask tasks, the
+    client never holds the graph; see :func:`~.agglomeration.blockwise.segment_blockwise`)."""
     begin = time.perf_counter()
+    agglomeration = check_agglomeration(agglomeration)
     if scheduler is not None:  # workers open the volumes and the model by these names
         volume, out = absolute_spec(volume), absolute_spec(out)
         model = os.path.abspath(model) if os.path.isfile(model) else model
@@ -369,7 +373,7 @@ def infer(
         timings["affinities_s"] = time.perf_counter() - start
         describe_root(out)  # OUT.zarr is the affinities image, before its labels point at it
         anisotropic = is_anisotropic(raw.voxel_size)
-        record_segmentation_settings(affs, threshold, geometry, anisotropic)
+        record_segmentation_settings(affs, threshold, geometry, anisotropic, agglomeration)
         start = time.perf_counter()
         seg, _ = segment_blockwise(
             affs,
@@ -384,6 +388,7 @@ def infer(
             resume=resume,
             overwrite=overwrite,
             progress=progress,
+            superblocks=agglomeration == "superblocks",
         )
         timings["segmentation_s"] = time.perf_counter() - start
         result: dict[str, Any] = {
@@ -453,8 +458,23 @@ SEGMENTATION_KEY = "segmentation"
 """Key of the affinities' ``ssn_deploy`` attributes that ``segment`` takes its defaults from."""
 
 
+AGGLOMERATIONS = ("global", "superblocks")
+
+
+def check_agglomeration(agglomeration: str) -> str:
+    if agglomeration not in AGGLOMERATIONS:
+        raise ConfigError(
+            f"agglomeration: expected one of {', '.join(AGGLOMERATIONS)}, got {agglomeration!r}"
+        )
+    return agglomeration
+
+
 def record_segmentation_settings(
-    affs: Volume, threshold: float, geometry: Geometry, anisotropic: bool
+    affs: Volume,
+    threshold: float,
+    geometry: Geometry,
+    anisotropic: bool,
+    agglomeration: str = "global",
 ) -> None:
     """Write the agglomeration settings infer used into the affinities' provenance, so that
     ``ssn-deploy segment AFFS`` repeats (or varies) exactly this run by default."""
@@ -464,6 +484,7 @@ def record_segmentation_settings(
         "anisotropic": bool(anisotropic),
         "block_shape": [int(v) for v in geometry.block_shape],
         "fragment_tile": [int(v) for v in geometry.fragment_tile],
+        "agglomeration": agglomeration,
     }
     affs.attrs["ssn_deploy"] = attrs
 
@@ -475,6 +496,7 @@ def segmentation_settings(
     block_shape: Sequence[int] | None = None,
     fragment_tile: Sequence[int] | None = None,
     anisotropic: bool | None = None,
+    agglomeration: str | None = None,
 ) -> dict[str, Any]:
     """Agglomeration settings for stored affinities: what is given, else what infer recorded
     (:func:`record_segmentation_settings`), else defaults from the voxel size.
@@ -485,7 +507,7 @@ def segmentation_settings(
     voxel_size = affs.voxel_size
     if recorded:
         origin = "defaults from the affinities' provenance"
-        fallback = recorded
+        fallback = dict(recorded)
     else:
         origin = "defaults from the voxel size" if voxel_size else "defaults (no voxel size)"
         vs = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), float)
@@ -497,11 +519,13 @@ def segmentation_settings(
             "block_shape": blocks,
             "fragment_tile": [b // 2 for b in blocks],
         }
+    fallback.setdefault("agglomeration", "global")  # recorded before infer had the choice
     given = {
         "threshold": threshold,
         "anisotropic": anisotropic,
         "block_shape": block_shape,
         "fragment_tile": fragment_tile,
+        "agglomeration": agglomeration,
     }
     chosen = {k: fallback[k] if v is None else v for k, v in given.items()}
     if block_shape is not None and fragment_tile is None:  # keep the tile where it still fits
@@ -512,6 +536,7 @@ def segmentation_settings(
     chosen["fragment_tile"] = tuple(int(v) for v in chosen["fragment_tile"])
     chosen["threshold"] = float(chosen["threshold"])
     chosen["anisotropic"] = bool(chosen["anisotropic"])
+    chosen["agglomeration"] = check_agglomeration(chosen["agglomeration"])
     chosen["origin"] = origin if any(v is None for v in given.values()) else "as given"
     return chosen
 
