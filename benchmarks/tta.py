@@ -4,6 +4,9 @@ For each packaged model, its validation region (never the test region: a setting
 may become a default) goes through ``ssn-deploy infer`` with ``--tta none``, ``yx`` and ``zyx``
 at the model's threshold, and ``ssn-deploy evaluate`` scores each against the labels. Time is
 the whole ``infer`` call (model + fragments + agglomeration), so the ratio is what a user pays.
+TTA averages affinities towards the middle, so each mode's stored affinities are also segmented
+(``ssn-deploy segment --threshold``) at every threshold of :data:`SWEEP`: a mode could win at a
+threshold of its own, which would then have to ship with it.
 Writes ``benchmarks/results/tta.json``.
 
     python benchmarks/tta.py [--data ../shared/data] [--work /tmp/tta]
@@ -27,6 +30,7 @@ VALIDATION = {  # model → (dataset, validation region of its training config)
     "aniso": ("fib_medulla_250_aniso5", "18:25,:,:"),
 }
 MODES = ("none", "yx", "zyx")
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def cli(*args: str) -> str:
@@ -66,10 +70,23 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 **{k: report[k] for k in ("voi_split", "voi_merge", "voi", "arand")},
             }
+            sweep = {}
+            for threshold in SWEEP:
+                swept = out / f"{mode}_t{threshold}.zarr"
+                cli("segment", f"{seg}/affinities", "-o", str(swept), "--threshold",
+                    str(threshold), "--overwrite", "--no-progress")  # fmt: skip
+                scores = json.loads(cli("evaluate", f"{swept}/segmentation", str(gt), "--json"))
+                sweep[str(threshold)] = round(scores["voi"], 4)
+            best = min(sweep, key=sweep.get)
+            rows[mode] |= {"voi_by_threshold": sweep, "best_threshold": float(best),
+                           "best_voi": sweep[best]}  # fmt: skip
             print(model, mode, json.dumps(rows[mode]), flush=True)
         for mode in MODES[1:]:
             rows[mode]["time_ratio"] = round(rows[mode]["seconds"] / rows["none"]["seconds"], 2)
             rows[mode]["voi_change"] = round(rows[mode]["voi"] - rows["none"]["voi"], 4)
+            rows[mode]["best_voi_change"] = round(
+                rows[mode]["best_voi"] - rows["none"]["best_voi"], 4
+            )
         results["models"][model] = {"dataset": stem, "validation_region": roi, **rows}
     results["load_average"] = os.getloadavg()
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -674,7 +674,7 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
     show_default=True,
     help="How affinities are stored (uint8 = x255).",
 )
-@agglomeration_option("global")
+@agglomeration_option("auto")
 @click.option("--resume", is_flag=True, help="Continue a killed run; finished blocks are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -754,7 +754,7 @@ def infer(
             workers=workers,
             voxel_size=parse_voxel_size(voxel_size),
             affinity_dtype=affinity_dtype,
-            agglomeration=agglomeration or "global",
+            agglomeration=agglomeration or "auto",
             resume=resume,
             overwrite=overwrite,
             progress=not no_progress,
@@ -809,7 +809,7 @@ def infer(
     help="2D fragments per section (serial-section EM) or 3D [default: infer's, else from the "
     "voxel size: z >= 2x the pixel size is anisotropic].",
 )
-@agglomeration_option("the one infer used for AFFINITIES, else global")
+@agglomeration_option("the one infer used for AFFINITIES, else auto")
 @click.option("--scheduler", default=None, help="dask.distributed scheduler address.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run.")

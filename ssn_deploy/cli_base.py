@@ -90,13 +90,13 @@ def agglomeration_option(default: str) -> Callable[[Callable], Callable]:
     """``--agglomeration`` of infer and segment."""
     return click.option(
         "--agglomeration",
-        type=click.Choice(["global", "superblocks"]),
+        type=click.Choice(["auto", "global", "superblocks"]),
         default=None,
         help="global: one region graph reduced on the client (a threshold sweep from one "
         "run); superblocks: edges kept beside the fragments and merged super-block by "
-        "super-block in dask tasks, so the client never holds the graph (for volumes whose "
-        "graph does not fit; equal scores may be taken in another order, see the README) "
-        f"[default: {default}].",
+        "super-block in dask tasks, so the client's memory does not grow with the volume "
+        "(equal scores may be taken in another order, see the README); auto: global up to "
+        f"64 Mi voxels, superblocks above [default: {default}].",
     )
 
 

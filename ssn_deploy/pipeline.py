@@ -268,7 +268,7 @@ def infer(
     batch_size: int = 1,
     voxel_size: Sequence[float] | None = None,
     affinity_dtype: str = "uint8",
-    agglomeration: str = "global",
+    agglomeration: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -290,10 +290,11 @@ def infer(
     sends the patches to a Triton server instead (``backend="triton"``, implied by ``url``):
     ``protocol`` grpc | http, ``triton_model`` the served model, ``triton_timeout`` seconds
     per request; the model and its geometry are then the server's. ``agglomeration``:
-    ``global`` (one region graph on the client) or ``superblocks`` (merged in dask tasks, the
-    client never holds the graph; see :func:`~.agglomeration.blockwise.segment_blockwise`)."""
+    ``global`` (one region graph on the client), ``superblocks`` (merged in dask tasks, the
+    client never holds the graph; see :func:`~.agglomeration.blockwise.segment_blockwise`) or
+    ``auto`` (:func:`resolve_agglomeration`)."""
     begin = time.perf_counter()
-    agglomeration = check_agglomeration(agglomeration)
+    check_agglomeration(agglomeration)
     if scheduler is not None:  # workers open the volumes and the model by these names
         volume, out = absolute_spec(volume), absolute_spec(out)
         model = os.path.abspath(model) if os.path.isfile(model) else model
@@ -373,6 +374,8 @@ def infer(
         timings["affinities_s"] = time.perf_counter() - start
         describe_root(out)  # OUT.zarr is the affinities image, before its labels point at it
         anisotropic = is_anisotropic(raw.voxel_size)
+        agglomeration = resolve_agglomeration(agglomeration, raw.shape)
+        log.info("agglomeration: %s", agglomeration)
         record_segmentation_settings(affs, threshold, geometry, anisotropic, agglomeration)
         start = time.perf_counter()
         seg, _ = segment_blockwise(
@@ -458,7 +461,12 @@ SEGMENTATION_KEY = "segmentation"
 """Key of the affinities' ``ssn_deploy`` attributes that ``segment`` takes its defaults from."""
 
 
-AGGLOMERATIONS = ("global", "superblocks")
+AGGLOMERATIONS = ("auto", "global", "superblocks")
+AUTO_SUPERBLOCKS_VOXELS = 64 * 2**20
+"""``auto`` merges by super-blocks above this many voxels: the global region graph costs the
+client ~2 kB per edge and real affinities give 3,700-7,300 edges per MVox (README, petascale
+plan), so 0.5-1 GB here, growing with the volume; below it, the global run's one-pass
+threshold sweep and exact merge order are worth its memory."""
 
 
 def check_agglomeration(agglomeration: str) -> str:
@@ -467,6 +475,15 @@ def check_agglomeration(agglomeration: str) -> str:
             f"agglomeration: expected one of {', '.join(AGGLOMERATIONS)}, got {agglomeration!r}"
         )
     return agglomeration
+
+
+def resolve_agglomeration(agglomeration: str, shape: Sequence[int]) -> str:
+    """``global`` or ``superblocks``: ``auto`` decided by the volume's size (see
+    :data:`AUTO_SUPERBLOCKS_VOXELS`)."""
+    if check_agglomeration(agglomeration) != "auto":
+        return agglomeration
+    large = int(np.prod([int(n) for n in shape])) > AUTO_SUPERBLOCKS_VOXELS
+    return "superblocks" if large else "global"
 
 
 def record_segmentation_settings(
@@ -519,7 +536,7 @@ def segmentation_settings(
             "block_shape": blocks,
             "fragment_tile": [b // 2 for b in blocks],
         }
-    fallback.setdefault("agglomeration", "global")  # recorded before infer had the choice
+    fallback.setdefault("agglomeration", "auto")  # recorded before infer had the choice
     given = {
         "threshold": threshold,
         "anisotropic": anisotropic,
@@ -536,7 +553,7 @@ def segmentation_settings(
     chosen["fragment_tile"] = tuple(int(v) for v in chosen["fragment_tile"])
     chosen["threshold"] = float(chosen["threshold"])
     chosen["anisotropic"] = bool(chosen["anisotropic"])
-    chosen["agglomeration"] = check_agglomeration(chosen["agglomeration"])
+    chosen["agglomeration"] = resolve_agglomeration(chosen["agglomeration"], affs.shape[1:])
     chosen["origin"] = origin if any(v is None for v in given.values()) else "as given"
     return chosen
 

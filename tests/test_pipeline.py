@@ -300,3 +300,17 @@ def test_infer_merges_by_super_blocks_and_segment_repeats_the_choice(workspace: 
     )
     rejected = CliRunner().invoke(main, [*base, "-o", str(again), "--agglomeration", "tree"])
     assert rejected.exit_code == 1 and "'tree' is not one of" in rejected.output
+
+
+def test_auto_agglomeration_merges_by_super_blocks_above_64_mi_voxels() -> None:
+    from ssn_deploy.errors import ConfigError
+    from ssn_deploy.pipeline import AUTO_SUPERBLOCKS_VOXELS, resolve_agglomeration
+
+    assert AUTO_SUPERBLOCKS_VOXELS == 64 * 2**20  # the CLI help says so
+    assert resolve_agglomeration("auto", (125, 250, 250)) == "global"
+    assert resolve_agglomeration("auto", (256, 512, 512)) == "global"  # exactly the limit
+    assert resolve_agglomeration("auto", (512, 512, 512)) == "superblocks"
+    assert resolve_agglomeration("global", (512, 512, 512)) == "global"
+    assert resolve_agglomeration("superblocks", (8, 8, 8)) == "superblocks"
+    with pytest.raises(ConfigError, match="expected one of auto, global, superblocks"):
+        resolve_agglomeration("tree", (8, 8, 8))
