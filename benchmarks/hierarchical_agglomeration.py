@@ -122,10 +122,9 @@ def main() -> None:
             if mode == "superblocks":  # what a block's edge file costs on disk, per edge
                 blocks = Path(f"{tmp}/{mode}.zarr/fragments_edges/blocks")
                 files = sorted(blocks.glob("*.npz"))
-                rows = sum(len(np.load(f)["u"]) for f in files)
-                end_to_end["edge_file_bytes_per_edge"] = sum(f.stat().st_size for f in files) / max(
-                    rows, 1
-                )
+                stored = sum(len(np.load(f)["u"]) for f in files)
+                size = sum(f.stat().st_size for f in files)
+                end_to_end["edge_file_bytes_per_edge"] = size / max(stored, 1)
                 end_to_end["dense_histogram_bytes_per_edge"] = stats.histogram[0].nbytes
             end_to_end[mode] = {"seconds": seconds, "stage_seconds": dict(stages),
                                 "voi_to_gt": evaluate(segmentations[mode], gt)["voi"]}  # fmt: skip
