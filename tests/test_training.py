@@ -275,11 +275,16 @@ def test_a_killed_loader_worker_raises_instead_of_hanging(tiny_train, tmp_path) 
     never finish (multiprocessing.Pool's behaviour)."""
     import os
     import signal
+    from concurrent.futures import wait
     from concurrent.futures.process import BrokenProcessPool
 
     trainer = Trainer(tiny_config(tiny_train, loader_workers=2, batch_size=2), tmp_path)
     try:
         trainer.next_batch()
+        # Killed between tasks: a worker killed while writing its result leaves half a message
+        # in the result pipe, and CPython 3.11's executor then blocks reading it for ever (seen
+        # once in CI here). That case is CPython's to fix; this test is about a lost worker.
+        wait(trainer.loader.pending)
         for pid in list(trainer.loader.pool._processes):
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
