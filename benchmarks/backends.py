@@ -9,12 +9,16 @@ voxels the engine evaluates per output voxel of an interior block (patches strad
 faces included). ``--full-block`` also *measures* it: ``predict_block`` on one interior block
 of the 520³ volume per backend (slow on a CPU).
 
-Rows: torch eager fp32 / bf16 autocast, ``torch.compile`` fp32 (its compile time, i.e. the
-first call, is reported apart), onnxruntime CPU fp32 and the fp16 graph of ``ssn-deploy
-export --fp16``; and GPU rows (torch fp32/fp16/bf16, ``torch.compile``, ``torch.compile``
-with CUDA graphs, onnxruntime CUDA fp32/fp16, ssn-deploy's own TensorRT fp16 engine, and
-TensorRT through onnxruntime's provider), measured only with ``--device cuda`` and otherwise
-recorded as "not measured" with the reason. A backend that fails records its error text.
+Rows: torch eager fp32 / bf16 autocast on the module as trained (BatchNorms unfolded, default
+layout: the torch backend before it ran the inference form), the torch backend's inference form
+(BatchNorms folded into the convolutions, channels-last activations; ``ssn_deploy.models.fold``)
+in fp32 and bf16 (bf16 in that form is what ``--precision auto`` runs on CPUs with native
+bf16), ``torch.compile`` fp32 (its compile time, i.e. the first call, is reported apart),
+onnxruntime CPU fp32 and the fp16 graph of ``ssn-deploy export --fp16``; and GPU rows (torch
+fp32/fp16/bf16, ``torch.compile``, ``torch.compile`` with CUDA graphs, onnxruntime CUDA
+fp32/fp16, ssn-deploy's own TensorRT fp16 engine, and TensorRT through onnxruntime's
+provider), measured only with ``--device cuda`` and otherwise recorded as "not measured" with
+the reason. A backend that fails records its error text.
 
     python benchmarks/backends.py [--quick] [--device cpu|cuda] [--checkpoint PATH]
         [--threads N] [--full-block] [--no-compile] [--skip TEXT ...] [--data DIR]
@@ -117,6 +121,28 @@ def _cuda_graphs_predictor(files: c.ModelFiles, precision: str, threads: int) ->
     )
     predictor._forward = torch.compile(predictor._model, mode="reduce-overhead")  # type: ignore[attr-defined]
     return predictor
+
+
+class AsTrainedPredictor(SpecGeometry):
+    """The checkpoint's module exactly as trained (BatchNorms unfolded, contiguous layout) under
+    autocast: what the torch backend ran before its inference form, kept as the speed baseline."""
+
+    def __init__(self, checkpoint: Path, precision: str, threads: int) -> None:
+        loaded = load_checkpoint(checkpoint)
+        self.spec = ModelSpec.from_checkpoint(loaded)
+        self._model = loaded.model.eval()
+        self._dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        self._precision = precision
+        torch.set_num_threads(threads)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"model": "checkpoint as trained", "backend": "torch", "precision": self._precision}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        dtype = self._dtype
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return self._model(torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
 
 
 class SessionPredictor(SpecGeometry):
@@ -262,9 +288,22 @@ def cold_compile_caches(tmp: Path) -> None:
 
 def cpu_backends(args: argparse.Namespace, files: c.ModelFiles, tmp: Path) -> list[c.Backend]:
     threads = args.threads
+
+    def as_trained(precision: str) -> Any:
+        return functools.partial(AsTrainedPredictor, files.checkpoint, precision, threads)
+
     return [
-        c.torch_backend(REFERENCE, files, "cpu", "fp32", threads),
-        c.torch_backend("torch eager bf16", files, "cpu", "bf16", threads),
+        c.Backend(REFERENCE, as_trained("fp32"), "fp32"),
+        c.Backend("torch eager bf16", as_trained("bf16"), "bf16"),
+        c.torch_backend("torch inference form fp32", files, "cpu", "fp32", threads),
+        c.torch_backend(
+            "torch inference form bf16",
+            files,
+            "cpu",
+            "bf16",
+            threads,
+            note="what --precision auto (the default) runs on CPUs with native bf16",
+        ),
         c.torch_backend(
             "torch.compile fp32",
             files,

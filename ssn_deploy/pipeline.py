@@ -255,7 +255,7 @@ def infer(
     model: str = "default",
     backend: str = "auto",
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     threshold: float | None = None,
     block_shape: Sequence[int] | None = None,
     patch_shape: Sequence[int] | None = None,
@@ -315,7 +315,7 @@ def infer(
     else:
         backend = TRITON
     if backend == "auto":
-        backend = auto_backend(model, precision, compile)
+        backend = auto_backend(model, precision, compile, device)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     factory = functools.partial(
         load_predictor,

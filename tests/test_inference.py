@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -463,6 +464,32 @@ def test_bf16_close_to_fp32(checkpoint: Path, raw_crop: np.ndarray) -> None:
     assert error.max() < 0.1 and error.mean() < 0.02  # bf16 keeps 8 bits of mantissa
 
 
+@pytest.mark.parametrize("name", ["iso", "aniso"])
+def test_the_inference_form_equals_the_trained_model(name: str, raw_crop: np.ndarray) -> None:
+    """BatchNorms folded and channels-last activations (the torch predictor's form) change
+    nothing in fp32; bf16 in that form, auto's choice on CPUs with native bf16, stays close."""
+    from ssn_deploy.inference.loader import default_model
+    from ssn_deploy.models.fold import fold_batch_norms
+
+    path = default_model("torch", name)
+    trained = load_checkpoint(path).model.eval()
+    predictor = load_predictor(path, "torch", threads=2)
+    assert predictor.provenance["batch_norms_folded"] == 33
+    assert predictor.provenance["layout"] == "channels_last_3d"
+    shape = (32, 64, 64)
+    batch = predictor.spec.normalization(raw_crop[: shape[0], : shape[1], : shape[2]])[None, None]
+    with torch.inference_mode():
+        expected = trained(torch.from_numpy(batch)).numpy()
+    got = predictor.predict(batch)
+    assert got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    bf16 = load_predictor(path, "torch", precision="bf16", threads=2).predict(batch)
+    error = np.abs(bf16 - expected)
+    assert error.mean() < 5e-3 and error.max() < 0.1, (error.mean(), error.max())
+    _, folded = fold_batch_norms(UNet3d(replace(CONFIG, norm="group")))
+    assert folded == 0  # GroupNorm is not an affine map of fixed statistics: left as it is
+
+
 def test_in_process_cluster_listens_on_loopback_only() -> None:
     import os
 
@@ -485,7 +512,7 @@ def test_bf16_without_native_support_warns(
 ) -> None:
     from ssn_deploy.inference import torch_backend
 
-    monkeypatch.setattr(torch_backend, "_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(torch_backend, "cpu_has_fast_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="ssn_deploy.inference.torch_backend"):
         load_predictor(str(checkpoint), "torch", precision="bf16", threads=1)
         load_predictor(str(checkpoint), "torch", precision="fp32", threads=1)

@@ -221,9 +221,19 @@ def test_an_existing_preview_is_not_overwritten(workspace: Path, tmp_path: Path)
     assert png.read_bytes() == b"a picture someone keeps" and not out.exists()
 
 
-def test_auto_backend_is_the_fastest_that_runs_the_model() -> None:
-    from ssn_deploy.inference.loader import auto_backend
+def test_auto_backend_is_the_fastest_that_runs_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssn_deploy.inference import torch_backend
+    from ssn_deploy.inference.loader import auto_backend, resolve_precision
 
+    monkeypatch.setattr(torch_backend, "cpu_has_fast_bf16", lambda: True)
+    assert auto_backend("default") == auto_backend("aniso") == "torch"
+    assert resolve_precision("auto", "torch") == "bf16"
+    assert auto_backend("iso", precision="fp32") == "onnxruntime"
+    assert auto_backend("iso", device="cuda") == "onnxruntime"
+    assert resolve_precision("auto", "torch", "cuda") == "fp32"
+    assert resolve_precision("auto", "onnxruntime") == resolve_precision("auto", "triton") == "fp32"
+    monkeypatch.setattr(torch_backend, "cpu_has_fast_bf16", lambda: False)  # AVX2-only CPUs
+    assert resolve_precision("auto", "torch") == "fp32"
     assert auto_backend("default") == auto_backend("aniso") == "onnxruntime"
     assert auto_backend("iso", precision="bf16") == auto_backend("iso", compile=True) == "torch"
     assert auto_backend("run/best.ckpt") == "torch" and auto_backend("m.onnx") == "onnxruntime"

@@ -1,7 +1,11 @@
 """A :class:`~ssn_deploy.inference.predictor.Predictor` running a torch module (CPU or CUDA).
 
-Reduced precision uses autocast (weights stay fp32), so one checkpoint serves every precision;
-bf16 is ~2.7× faster than fp32 on CPUs with AVX512-BF16; affinities move by ~1e-2.
+The model runs in its inference form: BatchNorms folded into the convolutions
+(:mod:`ssn_deploy.models.fold`) and, on the CPU, activations in channels-last order, where
+oneDNN's 3D convolutions are fastest. Reduced precision uses autocast, so one checkpoint
+serves every precision. On a CPU with AVX512-BF16, bf16 in this form ran the packaged model
+~2× faster than onnxruntime fp32 (``python benchmarks/backends.py``) and is ``--precision
+auto``'s choice there.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from torch import nn
 
 from ssn_deploy.errors import ConfigError, InvalidInputError
 from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
+from ssn_deploy.models.fold import fold_batch_norms
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -69,12 +74,18 @@ class TorchPredictor(SpecGeometry):
         self.spec = spec
         self.device = _device(device)
         self.precision = precision
-        if precision == "bf16" and self.device.type == "cpu" and not _cpu_has_fast_bf16():
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
             log.warning(
                 "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and much slower "
                 "than fp32 here; use --precision fp32 or the onnxruntime backend"
             )
-        self._model = model.to(self.device).eval()
+        self._model, folded = fold_batch_norms(model)
+        self._model.to(self.device)
+        # oneDNN's 3D convolutions are fastest on channels-last activations (NDHWC); measured on
+        # the CPU only (benchmarks/backends.py), so CUDA keeps the default layout.
+        self._layout = torch.channels_last_3d if self.device.type == "cpu" else None
+        if self._layout is not None:
+            self._model.to(memory_format=self._layout)
         self._forward = torch.compile(self._model) if compile else self._model
         self._provenance = {
             "model": name,
@@ -82,6 +93,8 @@ class TorchPredictor(SpecGeometry):
             "device": str(self.device),
             "precision": precision,
             "compile": compile,
+            "batch_norms_folded": folded,
+            "layout": "channels_last_3d" if self._layout is not None else "contiguous",
             "torch": torch.__version__,
         }
 
@@ -101,12 +114,14 @@ class TorchPredictor(SpecGeometry):
         self.check_batch(batch)
         dtype = PRECISIONS[self.precision]
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        if self._layout is not None:
+            x = x.contiguous(memory_format=self._layout)
         with (
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
         ):
             y = self._forward(x)
-        out = y.float().cpu().numpy()
+        out = y.float().contiguous().cpu().numpy()
         if out.shape[1] != self.num_channels or out.shape[2:] != batch.shape[2:]:
             raise InvalidInputError(
                 f"model {self._provenance['model']} returned {out.shape} for input "
