@@ -613,7 +613,7 @@ RESUME_AFTER_STORAGE_ERROR = "fix that and rerun with --resume (finished blocks 
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default="auto",
     show_default=True,
-    help="torch autocast precision. auto: bf16 with torch on a CPU with native bf16 "
+    help="torch precision. auto: bf16 for the packaged models on a CPU with native bf16 "
     "(AVX512-BF16/AMX; ~2x onnxruntime fp32 at the same segmentation), else fp32.",
 )
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (torch).")

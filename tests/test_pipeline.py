@@ -227,7 +227,9 @@ def test_auto_backend_is_the_fastest_that_runs_the_model(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(torch_backend, "cpu_has_fast_bf16", lambda: True)
     assert auto_backend("default") == auto_backend("aniso") == "torch"
+    assert resolve_precision("auto", "torch") == resolve_precision("auto", "torch", "cpu", "aniso")
     assert resolve_precision("auto", "torch") == "bf16"
+    assert resolve_precision("auto", "torch", "cpu", "run/best.ckpt") == "fp32"  # unmeasured
     assert auto_backend("iso", precision="fp32") == "onnxruntime"
     assert auto_backend("iso", device="cuda") == "onnxruntime"
     assert resolve_precision("auto", "torch", "cuda") == "fp32"

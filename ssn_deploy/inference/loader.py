@@ -96,7 +96,8 @@ def is_packaged_name(model: str | Path) -> bool:
 
 
 AUTO = "auto"
-"""``precision="auto"``: bf16 for torch on a CPU with native bf16 kernels, else fp32."""
+"""``precision="auto"``: bf16 for a packaged model on torch on a CPU with native bf16 kernels,
+else fp32 (:func:`resolve_precision`)."""
 
 
 def fast_bf16_cpu(device: str) -> bool:
@@ -109,14 +110,18 @@ def fast_bf16_cpu(device: str) -> bool:
     return cpu_has_fast_bf16()
 
 
-def resolve_precision(precision: str, backend: str, device: str = "cpu") -> str:
-    """``precision`` with ``auto`` decided: bf16 for torch on a CPU with native bf16, where it
-    ran the packaged models ~2× faster than onnxruntime fp32 at the same segmentation (VOI
-    within 0.01 on both test regions, ``python benchmarks/end_to_end.py``); fp32 otherwise (other
-    backends run the model in the precision it was exported with)."""
+def resolve_precision(
+    precision: str, backend: str, device: str = "cpu", model: str | Path = DEFAULT
+) -> str:
+    """``precision`` with ``auto`` decided: bf16 for a packaged model on torch on a CPU with
+    native bf16, where it ran ~2× faster than onnxruntime fp32 at the same segmentation (VOI
+    within 0.01 on the iso test region, ``python benchmarks/end_to_end.py``); fp32 otherwise:
+    other backends run the model in the precision it was exported with, and a model file's
+    bf16 segmentation is unmeasured (``--precision bf16`` asks for it)."""
     if precision != AUTO:
         return precision
-    return "bf16" if backend == "torch" and fast_bf16_cpu(device) else "fp32"
+    packaged = is_packaged_name(model)
+    return "bf16" if backend == "torch" and packaged and fast_bf16_cpu(device) else "fp32"
 
 
 def auto_backend(
@@ -161,7 +166,7 @@ def load_predictor(
     ``model="intensity"`` is the no-network baseline. ``backend="triton"`` runs the model
     served where ``triton`` says (``model`` must then be "default": the server decides).
     """
-    precision = resolve_precision(precision, backend, device)
+    precision = resolve_precision(precision, backend, device, model)
     if backend == TRITON:
         predictor = _load_triton(model, triton, device, precision, compile)
     else:

@@ -86,6 +86,17 @@ class TorchPredictor(SpecGeometry):
         self._layout = torch.channels_last_3d if self.device.type == "cpu" else None
         if self._layout is not None:
             self._model.to(memory_format=self._layout)
+        # With every BatchNorm folded the whole model can hold bf16 weights on the CPU: no
+        # per-call weight casts or autocast dispatch (2.86 vs 3.03 s per 160³ patch here).
+        # Otherwise (and on CUDA) autocast, which keeps the remaining norms in fp32.
+        dtype = PRECISIONS[precision]
+        self._weights_dtype = None
+        if dtype is torch.bfloat16 and self.device.type == "cpu":
+            if not any(
+                isinstance(m, nn.modules.batchnorm._NormBase) for m in self._model.modules()
+            ):
+                self._weights_dtype = dtype
+                self._model.to(dtype)
         self._forward = torch.compile(self._model) if compile else self._model
         self._provenance = {
             "model": name,
@@ -95,6 +106,7 @@ class TorchPredictor(SpecGeometry):
             "compile": compile,
             "batch_norms_folded": folded,
             "layout": "channels_last_3d" if self._layout is not None else "contiguous",
+            "weights": str(self._weights_dtype or torch.float32).removeprefix("torch."),
             "torch": torch.__version__,
         }
 
@@ -114,6 +126,8 @@ class TorchPredictor(SpecGeometry):
         self.check_batch(batch)
         dtype = PRECISIONS[self.precision]
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        if self._weights_dtype is not None:
+            x, dtype = x.to(self._weights_dtype), None  # the weights carry the precision
         if self._layout is not None:
             x = x.contiguous(memory_format=self._layout)
         with (
