@@ -17,6 +17,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +39,45 @@ from ssn_deploy.inference.predictor import ModelSpec, Predictor, SpecGeometry
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
+VALIDATION = {  # packaged model → (dataset, validation region of its training config)
+    "iso": ("fib_medulla_250", "93:125,:,:"),
+    "aniso": ("fib_medulla_250_aniso5", "18:25,:,:"),
+}
+"""Where settings are chosen: never the test regions, since a setting chosen may ship."""
+THRESHOLD_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def cli(*args: str) -> str:
+    """Run ``ssn-deploy ARGS`` of this environment; its stdout (raises on failure)."""
+    exe = Path(sys.executable).with_name("ssn-deploy")
+    return subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+
+
+def validation_region(data: Path, work: Path, model: str) -> tuple[Path, Path]:
+    """Raw and labels of ``model``'s validation region as zarr under ``work`` (made once)."""
+    stem, roi = VALIDATION[model]
+    work.mkdir(parents=True, exist_ok=True)
+    raw, gt = work / "raw.zarr", work / "gt.zarr"
+    for path, dataset in ((raw, "volumes/raw"), (gt, "volumes/labels/neuron_ids")):
+        if not path.exists():
+            cli("convert", f"{data / stem}.hdf:{dataset}", str(path), "--roi", roi, "--no-progress")
+    return raw, gt
+
+
+def threshold_sweep(affinities: str, gt: Path, work: Path, prefix: str) -> dict[str, Any]:
+    """``ssn-deploy segment`` of stored ``affinities`` at every threshold of the sweep, each
+    scored by ``ssn-deploy evaluate``: VOI per threshold and the best."""
+    sweep = {}
+    for threshold in THRESHOLD_SWEEP:
+        swept = work / f"{prefix}_t{threshold}.zarr"
+        cli("segment", affinities, "-o", str(swept), "--threshold", str(threshold),
+            "--overwrite", "--no-progress")  # fmt: skip
+        scores = json.loads(cli("evaluate", f"{swept}/segmentation", str(gt), "--json"))
+        sweep[str(threshold)] = round(scores["voi"], 4)
+    best = min(sweep, key=sweep.__getitem__)
+    return {"voi_by_threshold": sweep, "best_threshold": float(best), "best_voi": sweep[best]}
+
+
 CONFIG = REPO / "configs" / "fib_medulla_250.yaml"
 PACKAGED_CHECKPOINT = REPO / "ssn_deploy" / "assets" / "models" / "default.ckpt"
 RAW_520 = "fib_medulla_520_raw.hdf"

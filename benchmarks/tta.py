@@ -5,8 +5,8 @@ may become a default) goes through ``ssn-deploy infer`` with ``--tta none``, ``y
 at the model's threshold, and ``ssn-deploy evaluate`` scores each against the labels. Time is
 the whole ``infer`` call (model + fragments + agglomeration), so the ratio is what a user pays.
 TTA averages affinities towards the middle, so each mode's stored affinities are also segmented
-(``ssn-deploy segment --threshold``) at every threshold of :data:`SWEEP`: a mode could win at a
-threshold of its own, which would then have to ship with it.
+(``ssn-deploy segment --threshold``) at every threshold of ``_common.THRESHOLD_SWEEP``: a mode
+could win at a threshold of its own, which would then have to ship with it.
 Writes ``benchmarks/results/tta.json``.
 
     python benchmarks/tta.py [--data ../shared/data] [--work /tmp/tta]
@@ -17,25 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import _common as c
+
 from ssn_deploy import __version__
 
-REPO = Path(__file__).resolve().parents[1]
-VALIDATION = {  # model → (dataset, validation region of its training config)
-    "iso": ("fib_medulla_250", "93:125,:,:"),
-    "aniso": ("fib_medulla_250_aniso5", "18:25,:,:"),
-}
+REPO, VALIDATION, cli = c.REPO, c.VALIDATION, c.cli
 MODES = ("none", "yx", "zyx")
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def cli(*args: str) -> str:
-    exe = Path(sys.executable).with_name("ssn-deploy")
-    return subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
 
 
 def main() -> None:
@@ -50,14 +40,7 @@ def main() -> None:
     for model in args.models:
         stem, roi = VALIDATION[model]
         out = args.work / model
-        out.mkdir(parents=True, exist_ok=True)
-        raw, gt = out / "raw.zarr", out / "gt.zarr"
-        if not raw.exists():
-            cli("convert", f"{args.data / stem}.hdf:volumes/raw", str(raw), "--roi", roi,
-                "--no-progress")  # fmt: skip
-        if not gt.exists():
-            cli("convert", f"{args.data / stem}.hdf:volumes/labels/neuron_ids", str(gt), "--roi",
-                roi, "--no-progress")  # fmt: skip
+        raw, gt = c.validation_region(args.data, out, model)
         rows = {}
         for mode in MODES:
             seg = out / f"{mode}.zarr"
@@ -70,16 +53,7 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 **{k: report[k] for k in ("voi_split", "voi_merge", "voi", "arand")},
             }
-            sweep = {}
-            for threshold in SWEEP:
-                swept = out / f"{mode}_t{threshold}.zarr"
-                cli("segment", f"{seg}/affinities", "-o", str(swept), "--threshold",
-                    str(threshold), "--overwrite", "--no-progress")  # fmt: skip
-                scores = json.loads(cli("evaluate", f"{swept}/segmentation", str(gt), "--json"))
-                sweep[str(threshold)] = round(scores["voi"], 4)
-            best = min(sweep, key=sweep.get)
-            rows[mode] |= {"voi_by_threshold": sweep, "best_threshold": float(best),
-                           "best_voi": sweep[best]}  # fmt: skip
+            rows[mode] |= c.threshold_sweep(f"{seg}/affinities", gt, out, mode)
             print(model, mode, json.dumps(rows[mode]), flush=True)
         for mode in MODES[1:]:
             rows[mode]["time_ratio"] = round(rows[mode]["seconds"] / rows["none"]["seconds"], 2)

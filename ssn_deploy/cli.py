@@ -14,6 +14,7 @@ import click
 
 from ssn_deploy import __version__
 from ssn_deploy.cli_base import Group, agglomeration_option, quiet_dask, storage_options_option
+from ssn_deploy.memory import trim_freed_memory_promptly
 
 log = logging.getLogger("ssn_deploy")
 
@@ -65,6 +66,7 @@ def main(verbose: int, quiet: bool) -> None:
     """
     level = logging.ERROR if quiet else logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trim_freed_memory_promptly()
 
 
 # --- convert

@@ -142,3 +142,26 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(InvalidInputError, match="not an ssn-deploy checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_changing_offsets_keeps_the_kept_channels_exactly() -> None:
+    """Long-range auxiliary outputs are added before training on and cut before shipping;
+    the nearest-neighbour channels must come through both steps unchanged."""
+    from ssn_deploy.models.heads import NEAREST, with_offsets
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(filters=(4, 8), poolings=((2, 2, 2),))).eval()
+    longer = [*NEAREST, (-3, 0, 0), (0, 0, -9)]
+    extended, rows = with_offsets(model, longer)
+    assert rows == [0, 1, 2, 0, 2] and extended.config.offsets == tuple(longer)
+    cut, rows_back = with_offsets(extended, NEAREST)
+    assert rows_back == [0, 1, 2]
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        base, wide, back = model(x), extended(x), cut(x)
+    assert torch.equal(back, base)  # same weights, same shapes: bit for bit
+    # a head with more rows may sum in another order: equal to rounding
+    torch.testing.assert_close(wide[:, :3], base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(wide[:, 3:], base[:, [0, 2]], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="axis-aligned"):
+        with_offsets(model, [*NEAREST, (-1, -1, 0)])
