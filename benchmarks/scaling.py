@@ -18,7 +18,10 @@ preview) in a subprocess, one at a time, smallest first. Reported per size:
 Then the ratios largest/smallest size of time per voxel and of peak RSS (``ru_maxrss``) — the
 issue's acceptance at 512³/128³: ≤ 1.3 and ≤ 1.5 — and 1 vs 2 dask workers (``--workers 2``,
 intra-op threads per model then cores/2) at ``--workers-size`` (the 1-worker row is the size
-series' run). Writes benchmarks/results/scaling.json (``--quick``: scaling_quick.json) and a
+series' run), and once more at that size with ``SSN_DEPLOY_MALLOC_TRIM=0`` (glibc's own trim
+threshold instead of the 64 KiB the CLI sets, ``ssn_deploy/memory.py``): the peak RSS with and
+without (``--malloc-only`` adds just that comparison to an existing JSON). Writes
+benchmarks/results/scaling.json (``--quick``: scaling_quick.json) and a
 plot beside it (same stem, .png).
 
     python benchmarks/scaling.py [--sizes 128 256 512] [--workers-size 256] [--repeat 1]
@@ -58,6 +61,8 @@ def parse_args() -> argparse.Namespace:
                         "(default 256; --quick: the largest size)")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per size, best kept")
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: a smoke run")
+    parser.add_argument("--malloc-only", action="store_true", help="only the malloc comparison, "
+                        "added to the existing --output JSON")  # fmt: skip
     parser.add_argument("--data", type=Path, default=c.DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=c.REPO / "runs" / "scaling")
     parser.add_argument("--output", type=Path, help="JSON to write (the plot goes beside it)")
@@ -108,7 +113,9 @@ def tree_rss(root: psutil.Process) -> tuple[int, int]:
     return total, count
 
 
-def run_infer(raw: Path, out: Path, workers: int, log: Path) -> dict[str, Any]:
+def run_infer(
+    raw: Path, out: Path, workers: int, log: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """One ``ssn-deploy infer`` subprocess: wall seconds, its JSON report, peak memory."""
     command = [exe(), "infer", str(raw), "-o", str(out), "--json", "--no-progress"]
     if workers != 1:
@@ -116,7 +123,9 @@ def run_infer(raw: Path, out: Path, workers: int, log: Path) -> dict[str, Any]:
     load = os.getloadavg()[0]
     with open(log.with_suffix(".out"), "w") as stdout, open(log.with_suffix(".err"), "w") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=stdout, stderr=err)
+        proc = subprocess.Popen(
+            command, stdout=stdout, stderr=err, env={**os.environ, **(env or {})}
+        )
         root = psutil.Process(proc.pid)
         peak_tree, most_procs = 0, 0
         while True:  # sample, then reap it ourselves: wait4 gives this child's own ru_maxrss
@@ -135,7 +144,7 @@ def run_infer(raw: Path, out: Path, workers: int, log: Path) -> dict[str, Any]:
     stages = dict(report["stage_seconds"])
     stages["startup"] = seconds - sum(stages.values())
     return {
-        "command": " ".join(command),
+        "command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *command]),
         "workers": workers,
         "seconds": seconds,
         "stage_seconds": stages,
@@ -150,13 +159,16 @@ def run_infer(raw: Path, out: Path, workers: int, log: Path) -> dict[str, Any]:
     }
 
 
-def measure(args: argparse.Namespace, size: int, workers: int) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, size: int, workers: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Best of ``--repeat`` runs (by wall time); every run's seconds kept."""
     raw = crop(args, size)
     runs = []
     for i in range(args.repeat):
         out = args.work / f"out_{size}_w{workers}.zarr"
-        runs.append(run_infer(raw, out, workers, args.work / f"infer_{size}_w{workers}_{i}"))
+        log = args.work / f"infer_{size}_w{workers}{'_env' if env else ''}_{i}"
+        runs.append(run_infer(raw, out, workers, log, env))
         shutil.rmtree(out, ignore_errors=True)  # 512³ writes ~1 GB of outputs
         Path(str(out).removesuffix(".zarr") + ".preview.png").unlink(missing_ok=True)
         r = runs[-1]
@@ -261,11 +273,31 @@ def plot(rows: dict[int, dict[str, Any]], path: Path) -> None:
     print(f"wrote {path.relative_to(c.REPO) if path.is_relative_to(c.REPO) else path}")
 
 
+def malloc_comparison(args: argparse.Namespace, trimmed: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS at ``--workers-size`` with the CLI's 64 KiB trim threshold and with glibc's."""
+    untrimmed = measure(args, args.workers_size, 1, env={"SSN_DEPLOY_MALLOC_TRIM": "0"})
+    result = {
+        "size": args.workers_size,
+        "trim_64k": {k: trimmed[k] for k in ("peak_rss_mib", "seconds", "command")},
+        "glibc_default": {k: untrimmed[k] for k in ("peak_rss_mib", "seconds", "command")},
+    }
+    result["peak_rss_ratio_trim_over_default"] = trimmed["peak_rss_mib"] / untrimmed["peak_rss_mib"]
+    print(f"malloc at {args.workers_size}³: 64 KiB trim {trimmed['peak_rss_mib']:.0f} MiB, "
+          f"glibc default {untrimmed['peak_rss_mib']:.0f} MiB")  # fmt: skip
+    return result
+
+
 def main() -> None:
     args = parse_args()
     if not (args.data / c.RAW_520).is_file():
         raise SystemExit(f"{args.data / c.RAW_520} not found; pass --data FOLDER")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.malloc_only:
+        report = json.loads(args.output.read_text())
+        report["malloc"] = malloc_comparison(args, report["workers"]["1"])
+        report["malloc"]["revision"] = revision()
+        c.write_json(args.output, report)
+        return
     machine = c.machine_info(os.cpu_count() or 1, "cpu")
     started = time.perf_counter()
     rows = {n: measure(args, n, workers=1) for n in args.sizes}
@@ -291,6 +323,7 @@ def main() -> None:
             "speedup_2_over_1": one["seconds"] / two["seconds"],
         },
     }
+    report["malloc"] = malloc_comparison(args, one)
     report["ratios"] = ratios(rows) if len(rows) > 1 else "one size: no ratio"
     print()
     print_report(rows, report)

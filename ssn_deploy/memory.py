@@ -5,8 +5,9 @@ it raises on its own (up to 32 MiB, and the mmap threshold with it) after large 
 inference frees tens of MB per block, so the process's RSS kept whatever the largest mix of
 patch activations, block buffers and fragment arrays once needed. A fixed 64 KiB trim threshold
 (what dask's nanny sets for its workers) lowered ``ssn-deploy infer``'s peak RSS on a 256³ crop
-from 1,698 to 1,444 MiB (``benchmarks/scaling.py``). An explicit ``MALLOC_TRIM_THRESHOLD_`` in
-the environment wins; other C libraries are left alone.
+from 1,673 to 1,444 MiB (``benchmarks/scaling.py``, its "malloc" entry). An explicit
+``MALLOC_TRIM_THRESHOLD_`` in the environment wins; ``SSN_DEPLOY_MALLOC_TRIM=0`` keeps glibc's
+own behaviour (the benchmark's comparison); other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 def trim_freed_memory_promptly() -> bool:
     """Set glibc's trim threshold to 64 KiB in this process; whether it was set."""
     if not sys.platform.startswith("linux") or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    if os.environ.get("SSN_DEPLOY_MALLOC_TRIM", "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
