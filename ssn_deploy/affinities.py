@@ -29,6 +29,17 @@ def validate_offsets(offsets: Sequence[Sequence[int]]) -> tuple[Offset, ...]:
     return tuple(result)  # type: ignore[return-value]
 
 
+def nearest_channels(offsets: Sequence[Sequence[int]]) -> list[int]:
+    """Channels of the nearest-neighbour offsets (one voxel along one axis): the affinities
+    fragments and the region graph read. Longer offsets are auxiliary outputs of training
+    (long-range affinities shape the features); mixed into the boundary map or the edge
+    statistics they would join non-adjacent fragments."""
+    channels = [c for c, off in enumerate(offsets) if sorted(map(abs, off)) == [0, 0, 1]]
+    if not channels:
+        raise ValueError(f"no nearest-neighbour offsets among {list(offsets)}")
+    return channels
+
+
 def widen_boundaries(labels: np.ndarray) -> np.ndarray:
     """A copy of ``labels`` with in-plane label edges set to 0 (3×3 neighbourhood per section).
 

@@ -227,3 +227,23 @@ def test_group_keys_matches_numpy_unique():
         ref_unique, ref_inverse = np.unique(key, return_inverse=True)
         np.testing.assert_array_equal(unique, ref_unique)
         np.testing.assert_array_equal(inverse, ref_inverse)
+
+
+@pytest.mark.parametrize("anisotropic", [False, True])
+def test_long_range_channels_are_auxiliary(crop, anisotropic: bool) -> None:
+    """A model with long-range outputs segments exactly as its 3 nearest channels do: the
+    boundary map, the fragments and the region graph read nearest-neighbour affinities only
+    (mixed in, long-range edges would join non-adjacent fragments)."""
+    _, labels = crop
+    long_range = ((-3, 0, 0), (0, -3, 0), (0, 0, -9))
+    offsets = (*DEFAULT_OFFSETS[:2], long_range[0], DEFAULT_OFFSETS[2], *long_range[1:])
+    affs, _ = affinities_from_labels(labels, offsets)
+    affs = ndimage.gaussian_filter(affs, (0, 1, 1, 1))
+    nearest = affs[[0, 1, 3]]
+    kw = {"anisotropic": anisotropic}
+    with_long = segment_affinities(affs, [0.3, 0.7], offsets=offsets, **kw)
+    without = segment_affinities(nearest, [0.3, 0.7], **kw)
+    for a, b in zip(with_long, without, strict=True):
+        np.testing.assert_array_equal(a, b)
+    stats = blockwise_edge_statistics(affs, with_long[0], offsets, block_shape=(16, 48, 48))
+    assert_same_stats(stats, edge_statistics(nearest, with_long[0]))

@@ -32,7 +32,7 @@ from typing import Any
 import fastremap
 import numpy as np
 
-from ssn_deploy.affinities import Offset, validate_offsets
+from ssn_deploy.affinities import Offset, nearest_channels, validate_offsets
 from ssn_deploy.agglomeration.fragments import watershed_fragments
 from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, relabel
 from ssn_deploy.agglomeration.region_graph import (
@@ -214,7 +214,8 @@ def _edge_block(
     block: Block,
 ) -> tuple[int, EdgeStats, Votes]:
     total = Box.from_shape(frags.shape)
-    reach = np.maximum(np.abs(np.asarray(offsets)).max(axis=0), 1)  # ≥ 1: the faces below
+    nearest = np.asarray([offsets[c] for c in nearest_channels(offsets)])  # what edges read
+    reach = np.maximum(np.abs(nearest).max(axis=0), 1)  # ≥ 1: the faces below
     read = block.write_box.grow(tuple(int(r) for r in reach)).intersect(total)
     inside = block.write_box.relative_to(read).slices
     owned = np.zeros(read.shape, dtype=bool)

@@ -20,18 +20,25 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, boundary_map
+from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, boundary_map, nearest_channels
 from ssn_deploy.agglomeration.flood import seeded_watershed
 
 BOUNDARY_THRESHOLD = 0.5
 
 
 def xy_channels(offsets: Sequence[Offset]) -> list[int]:
-    """Channels of the in-plane (z = 0) offsets; the boundary map uses them only."""
-    channels = [c for c, off in enumerate(offsets) if off[0] == 0]
+    """Channels of the in-plane (z = 0) nearest-neighbour offsets: the boundary map of 2D
+    fragments uses them only."""
+    channels = [c for c in nearest_channels(offsets) if offsets[c][0] == 0]
     if not channels:
         raise ValueError(f"no in-plane offsets among {list(offsets)}")
     return channels
+
+
+def boundary_channels(offsets: Sequence[Offset], anisotropic: bool) -> list[int] | None:
+    """The channels the boundary map averages; None for all (no copy of the affinities)."""
+    channels = xy_channels(offsets) if anisotropic else nearest_channels(offsets)
+    return None if channels == list(range(len(offsets))) else channels
 
 
 def _seeds(interior: np.ndarray, min_seed_distance: int, sampling: Sequence[float]) -> np.ndarray:
@@ -118,7 +125,7 @@ def watershed_fragments(
     """
     if affs.ndim != 4 or affs.shape[0] != len(offsets):
         raise ValueError(f"affinities must be [{len(offsets)}, Z, Y, X], got {affs.shape}")
-    channels = xy_channels(offsets) if anisotropic else None
+    channels = boundary_channels(offsets, anisotropic)
     if scale is not None:
         boundary = stored_boundary_map(affs, scale, channels)
     else:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import fastremap
 import numpy as np
 
-from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, validate_offsets
+from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, nearest_channels, validate_offsets
 
 BINS = 256
 _DIRECT_MAX_ID = 2**31  # ids below this are their own dense index: id² fits an int64 key
@@ -171,7 +171,9 @@ def edge_statistics(
     ``affs[c, p]`` is the affinity between voxel ``p`` and ``p + offsets[c]``. If ``owned`` (a
     boolean ``[Z, Y, X]``) is given, only affinity edges *starting* at owned voxels count — a
     block passes its core as owned and a one-voxel rim of its neighbours' fragments as context,
-    so that every edge of the volume is counted by exactly one block.
+    so that every edge of the volume is counted by exactly one block. Only nearest-neighbour
+    channels count (:func:`~ssn_deploy.affinities.nearest_channels`): the region graph joins
+    adjacent fragments; long-range channels are auxiliary outputs of training.
     """
     offsets = validate_offsets(offsets)
     if affs.ndim != 4 or affs.shape[1:] != fragments.shape or affs.shape[0] != len(offsets):
@@ -183,7 +185,8 @@ def edge_statistics(
     flat = dense.ravel()  # C order, whatever the layout: so are the strides below
     strides = np.cumprod([1, *fragments.shape[:0:-1]])[::-1]
     keys, values = [], []
-    for c, off in enumerate(offsets):
+    for c in nearest_channels(offsets):  # longer offsets would join non-adjacent fragments
+        off = offsets[c]
         here, there = _pair_slices(fragments.shape, off)
         cut = np.zeros(fragments.shape, bool)  # flat indices beat boolean masks of strided views
         np.not_equal(dense[here], dense[there], out=cut[here])
@@ -255,7 +258,7 @@ def blockwise_edge_statistics(
     """
     offsets = validate_offsets(offsets)
     shape = fragments.shape
-    reach = np.asarray(offsets)
+    reach = np.asarray([offsets[c] for c in nearest_channels(offsets)])
     before, after = np.maximum(-reach, 0).max(axis=0), np.maximum(reach, 0).max(axis=0)
     corners = itertools.product(*(range(0, n, s) for n, s in zip(shape, block_shape, strict=True)))
 

@@ -34,7 +34,8 @@ KEY_DOCS: dict[str, str] = {
     "model.poolings": "max-pool factor z,y,x below each level; (1,2,2) for serial sections, "
     "(2,2,2) somewhere for isotropic data; their product is the input granularity",
     "model.offsets": "affinity offsets dz,dy,dx, one output channel each; the 3 nearest "
-    "neighbours (-1,0,0), (0,-1,0), (0,0,-1) feed the boundary map",
+    "neighbours (-1,0,0), (0,-1,0), (0,0,-1) feed the boundary map and the region graph, "
+    "longer ones (e.g. -3,0,0) are auxiliary outputs (trained, stored, not segmented)",
     "model.in_channels": "input channels (1 for EM)",
     "model.embed_kernel": "kernel of the embedding convs in and out (odd; 1,5,5 anisotropic)",
     "model.skip": "how skips join the decoder: concat or add",
