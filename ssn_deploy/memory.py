@@ -3,11 +3,15 @@
 glibc keeps freed heap memory for reuse unless the top of a heap exceeds a trim threshold that
 it raises on its own (up to 32 MiB, and the mmap threshold with it) after large frees. Blockwise
 inference frees tens of MB per block, so the process's RSS kept whatever the largest mix of
-patch activations, block buffers and fragment arrays once needed. A fixed 64 KiB trim threshold
-(what dask's nanny sets for its workers) lowered ``ssn-deploy infer``'s peak RSS on a 256³ crop
-from 1,673 to 1,444 MiB (``benchmarks/scaling.py``, its "malloc" entry). An explicit
-``MALLOC_TRIM_THRESHOLD_`` in the environment wins; ``SSN_DEPLOY_MALLOC_TRIM=0`` keeps glibc's
-own behaviour (the benchmark's comparison); other C libraries are left alone.
+patch activations, block buffers and fragment arrays once needed. Fixed thresholds keep it
+down: allocations of 4 MiB or more are mapped (and unmapped on free), and free memory above
+64 KiB at the top of a heap is returned. On the test region (``benchmarks/end_to_end.py``'s
+volume, interleaved runs) that took ``infer``'s peak RSS from 1.55–1.67 GB to 1.49 GB at the
+same time, where a 64 KiB trim threshold alone (mmap threshold then fixed at glibc's 128 KiB)
+reached 1.46 GB but cost ~1 s of 21 s; ``benchmarks/scaling.py`` ("malloc") compares with and
+without. An explicit ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` in the
+environment wins; ``SSN_DEPLOY_MALLOC_TRIM=0`` keeps glibc's own behaviour; other C libraries
+are left alone.
 """
 
 from __future__ import annotations
@@ -18,20 +22,23 @@ import logging
 import os
 import sys
 
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 TRIM_THRESHOLD = 64 * 1024
+MMAP_THRESHOLD = 4 * 1024 * 1024
 log = logging.getLogger(__name__)
 
 
 def trim_freed_memory_promptly() -> bool:
-    """Set glibc's trim threshold to 64 KiB in this process; whether it was set."""
-    if not sys.platform.startswith("linux") or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    """Fix glibc's mmap (4 MiB) and trim (64 KiB) thresholds in this process; whether set."""
+    chosen = {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & set(os.environ)
+    if not sys.platform.startswith("linux") or chosen:
         return False
     if os.environ.get("SSN_DEPLOY_MALLOC_TRIM", "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        mmap = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        return bool(mmap and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         log.debug("mallopt unavailable: freed memory returns at the C library's own pace")
         return False
