@@ -19,8 +19,8 @@ Then the ratios largest/smallest size of time per voxel and of peak RSS (``ru_ma
 issue's acceptance at 512³/128³: ≤ 1.3 and ≤ 1.5 — and 1 vs 2 dask workers (``--workers 2``,
 intra-op threads per model then cores/2) at ``--workers-size`` (the 1-worker row is the size
 series' run), and once more at that size with ``SSN_DEPLOY_MALLOC_TRIM=0`` (glibc's own trim
-threshold instead of the 64 KiB the CLI sets, ``ssn_deploy/memory.py``): the peak RSS with and
-without (``--malloc-only`` adds just that comparison to an existing JSON). Writes
+and mmap thresholds instead of the ones the CLI fixes, ``ssn_deploy/memory.py``): the peak RSS
+with and without (``--malloc-only`` adds just that comparison to an existing JSON). Writes
 benchmarks/results/scaling.json (``--quick``: scaling_quick.json) and a
 plot beside it (same stem, .png).
 
@@ -274,15 +274,15 @@ def plot(rows: dict[int, dict[str, Any]], path: Path) -> None:
 
 
 def malloc_comparison(args: argparse.Namespace, trimmed: dict[str, Any]) -> dict[str, Any]:
-    """Peak RSS at ``--workers-size`` with the CLI's 64 KiB trim threshold and with glibc's."""
+    """Peak RSS at ``--workers-size`` with the CLI's fixed malloc thresholds and with glibc's."""
     untrimmed = measure(args, args.workers_size, 1, env={"SSN_DEPLOY_MALLOC_TRIM": "0"})
     result = {
         "size": args.workers_size,
-        "trim_64k": {k: trimmed[k] for k in ("peak_rss_mib", "seconds", "command")},
+        "fixed_thresholds": {k: trimmed[k] for k in ("peak_rss_mib", "seconds", "command")},
         "glibc_default": {k: untrimmed[k] for k in ("peak_rss_mib", "seconds", "command")},
     }
     result["peak_rss_ratio_trim_over_default"] = trimmed["peak_rss_mib"] / untrimmed["peak_rss_mib"]
-    print(f"malloc at {args.workers_size}³: 64 KiB trim {trimmed['peak_rss_mib']:.0f} MiB, "
+    print(f"malloc at {args.workers_size}³: fixed thresholds {trimmed['peak_rss_mib']:.0f} MiB, "
           f"glibc default {untrimmed['peak_rss_mib']:.0f} MiB")  # fmt: skip
     return result
 
