@@ -2,10 +2,11 @@
 
 The model runs in its inference form: BatchNorms folded into the convolutions
 (:mod:`ssn_deploy.models.fold`) and, on the CPU, activations in channels-last order, where
-oneDNN's 3D convolutions are fastest. Reduced precision uses autocast, so one checkpoint
-serves every precision. On a CPU with AVX512-BF16, bf16 in this form ran the packaged model
-~2× faster than onnxruntime fp32 (``python benchmarks/backends.py``) and is ``--precision
-auto``'s choice there.
+oneDNN's 3D convolutions are fastest. One fp32 checkpoint serves every precision: bf16 on the
+CPU casts the folded weights once at load, otherwise (CUDA, or a model with norms left) reduced
+precision runs under autocast. On a CPU with AVX512-BF16, bf16 in this form ran the packaged
+model 2.17× faster than onnxruntime fp32 (``python benchmarks/backends.py``) and is
+``--precision auto``'s choice there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ssn_deploy.inference.predictor import ModelSpec, SpecGeometry
 from ssn_deploy.models.fold import fold_batch_norms
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+UNFOLDED_NORMS = (nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm3d)
+"""Norms that keep fp32 statistics under autocast; a model with any left stays fp32-weighted."""
 log = logging.getLogger(__name__)
 
 
@@ -86,15 +89,13 @@ class TorchPredictor(SpecGeometry):
         self._layout = torch.channels_last_3d if self.device.type == "cpu" else None
         if self._layout is not None:
             self._model.to(memory_format=self._layout)
-        # With every BatchNorm folded the whole model can hold bf16 weights on the CPU: no
-        # per-call weight casts or autocast dispatch (2.86 vs 3.03 s per 160³ patch here).
-        # Otherwise (and on CUDA) autocast, which keeps the remaining norms in fp32.
+        # With every norm folded the whole model can hold bf16 weights on the CPU: no per-call
+        # weight casts or autocast dispatch, the same output. Otherwise (and on CUDA) autocast,
+        # which keeps the remaining norms' statistics in fp32.
         dtype = PRECISIONS[precision]
         self._weights_dtype = None
         if dtype is torch.bfloat16 and self.device.type == "cpu":
-            if not any(
-                isinstance(m, nn.modules.batchnorm._NormBase) for m in self._model.modules()
-            ):
+            if not any(isinstance(m, UNFOLDED_NORMS) for m in self._model.modules()):
                 self._weights_dtype = dtype
                 self._model.to(dtype)
         self._forward = torch.compile(self._model) if compile else self._model
