@@ -40,6 +40,11 @@ def nearest_channels(offsets: Sequence[Sequence[int]]) -> list[int]:
     return channels
 
 
+def nearest_offsets(offsets: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+    """The offsets of :func:`nearest_channels`, in order."""
+    return [offsets[c] for c in nearest_channels(offsets)]
+
+
 def widen_boundaries(labels: np.ndarray) -> np.ndarray:
     """A copy of ``labels`` with in-plane label edges set to 0 (3×3 neighbourhood per section).
 

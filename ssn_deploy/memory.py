@@ -5,13 +5,12 @@ it raises on its own (up to 32 MiB, and the mmap threshold with it) after large 
 inference frees tens of MB per block, so the process's RSS kept whatever the largest mix of
 patch activations, block buffers and fragment arrays once needed. Fixed thresholds keep it
 down: allocations of 4 MiB or more are mapped (and unmapped on free), and free memory above
-64 KiB at the top of a heap is returned. On the test region (``benchmarks/end_to_end.py``'s
-volume, interleaved runs) that took ``infer``'s peak RSS from 1.55–1.67 GB to 1.49 GB at the
-same time, where a 64 KiB trim threshold alone (mmap threshold then fixed at glibc's 128 KiB)
-reached 1.46 GB but cost ~1 s of 21 s; ``benchmarks/scaling.py`` ("malloc") compares with and
-without. An explicit ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` in the
-environment wins; ``SSN_DEPLOY_MALLOC_TRIM=0`` keeps glibc's own behaviour; other C libraries
-are left alone.
+64 KiB at the top of a heap is returned. ``benchmarks/scaling.py`` ("malloc") compares with
+and without: 1,490 against 1,648 MiB at 256³. The mmap threshold is set too because a trim
+threshold alone pins it at glibc's 128 KiB, which made every mid-sized allocation a fresh
+mapping and slowed infer down. An explicit ``MALLOC_TRIM_THRESHOLD_`` or
+``MALLOC_MMAP_THRESHOLD_`` in the environment wins; ``SSN_DEPLOY_MALLOC_TRIM=0`` keeps glibc's
+own behaviour; other C libraries are left alone.
 """
 
 from __future__ import annotations

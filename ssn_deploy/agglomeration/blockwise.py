@@ -32,7 +32,7 @@ from typing import Any
 import fastremap
 import numpy as np
 
-from ssn_deploy.affinities import Offset, nearest_channels, validate_offsets
+from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, nearest_offsets, validate_offsets
 from ssn_deploy.agglomeration.fragments import watershed_fragments
 from ssn_deploy.agglomeration.hierarchical import MergeHistory, agglomerate, relabel
 from ssn_deploy.agglomeration.region_graph import (
@@ -134,7 +134,7 @@ def read_affinities(affs: Volume, box: Box) -> np.ndarray:
     return data.astype(np.float32) / np.float32(scale) if scale != 1.0 else data.astype(np.float32)
 
 
-NEAREST = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+NEAREST = DEFAULT_OFFSETS
 
 
 def affinity_offsets(affs: Volume, offsets: Sequence[Offset] | None) -> tuple[Offset, ...]:
@@ -214,7 +214,7 @@ def _edge_block(
     block: Block,
 ) -> tuple[int, EdgeStats, Votes]:
     total = Box.from_shape(frags.shape)
-    nearest = np.asarray([offsets[c] for c in nearest_channels(offsets)])  # what edges read
+    nearest = np.asarray(nearest_offsets(offsets))  # what the edge statistics read
     reach = np.maximum(np.abs(nearest).max(axis=0), 1)  # ≥ 1: the faces below
     read = block.write_box.grow(tuple(int(r) for r in reach)).intersect(total)
     inside = block.write_box.relative_to(read).slices

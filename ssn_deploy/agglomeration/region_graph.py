@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import fastremap
 import numpy as np
 
-from ssn_deploy.affinities import DEFAULT_OFFSETS, Offset, nearest_channels, validate_offsets
+from ssn_deploy.affinities import (
+    DEFAULT_OFFSETS,
+    Offset,
+    nearest_channels,
+    nearest_offsets,
+    validate_offsets,
+)
 
 BINS = 256
 _DIRECT_MAX_ID = 2**31  # ids below this are their own dense index: id² fits an int64 key
@@ -258,7 +264,7 @@ def blockwise_edge_statistics(
     """
     offsets = validate_offsets(offsets)
     shape = fragments.shape
-    reach = np.asarray([offsets[c] for c in nearest_channels(offsets)])
+    reach = np.asarray(nearest_offsets(offsets))
     before, after = np.maximum(-reach, 0).max(axis=0), np.maximum(reach, 0).max(axis=0)
     corners = itertools.product(*(range(0, n, s) for n, s in zip(shape, block_shape, strict=True)))
 

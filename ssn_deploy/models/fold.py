@@ -3,9 +3,9 @@
 In eval mode a BatchNorm is a fixed affine map per channel, so it can live in the preceding
 convolution's weights and bias: one full pass over the activations fewer per layer, and under
 bf16 the normalisation is rounded once into the weights rather than recomputed in fp32 per
-voxel (``FloatBatchNorm3d``), which is most of what made bf16 slow on the CPU
-(``python benchmarks/backends.py``). In fp32 the folded model equals the original to rounding
-(tested on both packaged models).
+voxel (``FloatBatchNorm3d``). ``python benchmarks/backends.py`` measures the torch backend's
+whole inference form (folded, channels-last) against the module as trained. In fp32 the
+folded model equals the original to rounding (tested on both packaged models).
 """
 
 from __future__ import annotations

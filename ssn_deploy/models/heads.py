@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ssn_deploy.affinities import DEFAULT_OFFSETS as NEAREST
 from ssn_deploy.affinities import Offset, validate_offsets
 from ssn_deploy.errors import ConfigError
 from ssn_deploy.models.unet import UNet3d
 
-NEAREST: tuple[Offset, ...] = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
+__all__ = ["NEAREST", "source_row", "with_offsets"]
 
 
 def _axis(offset: Offset) -> int:
