@@ -16,7 +16,12 @@ from ssn_deploy.cli import main
 from ssn_deploy.errors import ConfigError, OutputExistsError
 from ssn_deploy.training import data as data_module
 from ssn_deploy.training.augment import Augmenter, Geometry
-from ssn_deploy.training.config import AugmentConfig, config_from_dict, load_config
+from ssn_deploy.training.config import (
+    AugmentConfig,
+    ThickSections,
+    config_from_dict,
+    load_config,
+)
 from ssn_deploy.training.trainer import Trainer, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -110,6 +115,29 @@ def test_intensity_augmentations_leave_labels_alone() -> None:
         ("training", {"learning_rate": 0.1}, "training.learning_rate"),
         ("model", {"skip": "sum"}, "model.skip"),
         ("validation", {"thresholds": [1.5]}, "validation.thresholds"),
+        (
+            "data",
+            {"thick_sections": {"raw": "x.h5:r", "labels": "x.h5:l", "factor": 2, "z": [0, 80]}},
+            "thick_sections.z.*train_z",
+        ),
+        (
+            "data",
+            {
+                "thick_sections": {
+                    "raw": "x.h5:r",
+                    "labels": "x.h5:l",
+                    "factor": 2,
+                    "z": [0, 8],
+                    "phases": [2],
+                }
+            },
+            "thick_sections.phases",
+        ),
+        (
+            "data",
+            {"thick_sections": {"raw": "x.h5:r", "factor": 2, "z": [0, 8]}},
+            "thick_sections.labels",
+        ),
     ],
 )
 def test_config_errors_name_the_bad_key(tiny_train, section, change, message) -> None:
@@ -122,7 +150,8 @@ def test_config_errors_name_the_bad_key(tiny_train, section, change, message) ->
 @pytest.mark.parametrize(
     "name",
     [
-        "fib_medulla_250", "fib_medulla_250_aniso5", "vnc_sstem_2dlabels", "fib_tiny_train",
+        "fib_medulla_250", "fib_medulla_250_aniso5", "fib_medulla_250_aniso5_thick",
+        "vnc_sstem_2dlabels", "fib_tiny_train",
         "gpu/fib_medulla_250_paper", "gpu/fib_medulla_250_aniso5_paper",
     ],
 )  # fmt: skip
@@ -131,7 +160,10 @@ def test_shipped_configs_validate(name) -> None:
     if name.startswith("gpu/"):  # same split as the CPU recipes, data found from configs/gpu
         assert cfg.data.test_z == (125, 250) or cfg.data.test_z == (25, 50)
         assert Path(cfg.data.raw.split(":")[0]).is_file() and cfg.training.loader_workers > 0
-    if name == "fib_medulla_250_aniso5":
+    if name == "fib_medulla_250_aniso5_thick":  # more cuts of the training tissue only
+        thick = cfg.data.thick_sections
+        assert thick.z[1] <= cfg.data.train_z[1] * thick.factor <= cfg.data.val_z[0] * 5
+    if name.startswith("fib_medulla_250_aniso5"):
         assert cfg.data.test_z == (25, 50) and cfg.data.val_z[1] <= 25
         assert not cfg.data.isotropic and all(p[0] == 1 for p in cfg.model.poolings)
     if name == "fib_medulla_250":
@@ -160,6 +192,44 @@ def test_trainer_never_reads_the_test_region(tiny_train, monkeypatch, tmp_path) 
         "train_z": [0, 24], "val_z": [24, 34], "test_z": [34, 50]}})  # fmt: skip
     Trainer(cfg, tmp_path)
     assert read and all(s.stop <= 34 for s in read)
+
+
+def test_thick_sections_at_phase_zero_are_the_anisotropic_volume(data_dir) -> None:
+    """``fib_medulla_250_aniso5`` is ``fib_medulla_250`` thickened 5× at phase 0: the same cut
+    of the same training tissue must come out bit for bit, and the other phases of z [0, 90)
+    stay inside it (the validation tissue starts at 90)."""
+    import h5py
+
+    iso, aniso = data_dir / "fib_medulla_250.hdf", data_dir / "fib_medulla_250_aniso5.hdf"
+    thick = ThickSections(
+        f"{iso}:volumes/raw", f"{iso}:volumes/labels/neuron_ids", 5, (0, 90), (0, 1, 4)
+    )
+    slabs = data_module.read_thick_sections(thick)
+    with h5py.File(aniso, "r") as f:
+        np.testing.assert_array_equal(slabs[0].raw, f["volumes/raw"][:18])
+        np.testing.assert_array_equal(slabs[0].labels, f["volumes/labels/neuron_ids"][:18])
+    assert [s.raw.shape[0] for s in slabs] == [18, 17, 17]
+    assert [s.z_range for s in slabs] == [(0, 90), (1, 86), (4, 89)]
+    assert all(s.voxel_size == (50.0, 10.0, 10.0) and s.known.all() for s in slabs)
+    with h5py.File(iso, "r") as f:  # phase 4, section 3: the mean of z [19, 24), middle z 21
+        runs = f["volumes/raw"][19:24].astype(np.float64)
+        np.testing.assert_array_equal(slabs[2].raw[3], np.round(runs.mean(0)).astype(np.uint8))
+        np.testing.assert_array_equal(slabs[2].labels[3], f["volumes/labels/neuron_ids"][21])
+
+
+def test_trainer_samples_the_thick_sections_too(tiny_train, tmp_path) -> None:
+    cfg = tiny_config(tiny_train)
+    data = cfg.to_dict()["data"] | {"train_z": [0, 24], "val_z": [24, 34], "test_z": [34, 50]}
+    thick = {"raw": data["raw"], "labels": data["labels"], "factor": 2, "z": [0, 50]}
+    with pytest.raises(ConfigError, match=r"thick_sections.z.*\[0, 48\]"):
+        config_from_dict(cfg.to_dict() | {"data": data | {"thick_sections": thick}})
+    thick["z"] = [0, 44]
+    cfg = config_from_dict(cfg.to_dict() | {"data": data | {"thick_sections": thick}})
+    assert config_from_dict(cfg.to_dict()) == cfg  # as the run directory records it
+    trainer = Trainer(cfg, tmp_path)
+    assert [s.raw.shape[0] for s in trainer.train_slabs] == [24, 22, 21]
+    chosen = {id(trainer.source.sampler.choose((8, 48, 48))) for _ in range(30)}
+    assert len(chosen) == 3  # every slab is drawn
 
 
 def losses(run_dir: Path) -> list[str]:

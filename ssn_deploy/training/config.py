@@ -62,6 +62,43 @@ def _overlaps(a: ZRange, b: ZRange) -> bool:
 
 
 @dataclass(frozen=True)
+class ThickSections:
+    """More training sections for an anisotropic model, cut from the isotropic volume that
+    ``data.raw`` was thickened from: every ``factor`` consecutive sections averaged (raw, rounded)
+    and labelled by the middle one, starting at each of ``phases`` (0 ≤ phase < factor) within
+    the source's ``z``.
+
+    ``fib_medulla_250_aniso5`` is ``fib_medulla_250`` thickened so at phase 0; phases 1–4 of the
+    same training sections are 4 more cuts of tissue the model already trains on, never of the
+    validation or test sections: ``z`` must lie within ``data.train_z × factor``.
+    """
+
+    raw: str
+    labels: str
+    factor: int
+    z: ZRange
+    phases: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factor", int(self.factor))
+        if self.factor < 2:
+            raise ConfigError(f"data.thick_sections.factor: expected >= 2, got {self.factor}")
+        object.__setattr__(self, "z", _z_range(self.z, "data.thick_sections.z"))
+        phases = tuple(int(p) for p in self.phases) or tuple(range(self.factor))
+        if any(not 0 <= p < self.factor for p in phases) or len(set(phases)) != len(phases):
+            raise ConfigError(
+                f"data.thick_sections.phases: expected distinct values in 0..{self.factor - 1}, "
+                f"got {list(self.phases)}"
+            )
+        object.__setattr__(self, "phases", phases)
+        if self.z[1] - self.z[0] < self.factor + max(phases):
+            raise ConfigError(
+                f"data.thick_sections.z: {list(self.z)} holds no {self.factor}-section run at "
+                f"phase {max(phases)}"
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where labelled data lives and which z-slabs training and validation may read.
 
@@ -80,8 +117,18 @@ class DataConfig:
     isotropic: bool = False
     normalization: str = "scale"
     rois: tuple[RoiBox, ...] | None = None
+    thick_sections: ThickSections | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.thick_sections, dict):
+            keys = set(self.thick_sections) - {f.name for f in fields(ThickSections)}
+            if keys:
+                raise ConfigError(f"data.thick_sections: unknown key(s) {sorted(keys)}")
+            try:
+                thick = ThickSections(**self.thick_sections)
+            except TypeError as exc:
+                raise ConfigError(f"data.thick_sections: {exc}") from None
+            object.__setattr__(self, "thick_sections", thick)
         for key in ("train_z", "val_z", "test_z"):
             object.__setattr__(self, key, _z_range(getattr(self, key), f"data.{key}"))
         if self.rois is not None:
@@ -110,6 +157,17 @@ class DataConfig:
                         f"data.{key}: {list(rng)} overlaps the test region data.test_z "
                         f"{list(self.test_z)}, which training must never read"
                     )
+        if self.thick_sections is not None:
+            thick, zone = self.thick_sections, self.train_z
+            if zone is None or not (
+                zone[0] * thick.factor <= thick.z[0] < thick.z[1] <= zone[1] * thick.factor
+            ):
+                raise ConfigError(
+                    f"data.thick_sections.z: {list(thick.z)} must lie within data.train_z × "
+                    f"{thick.factor}"
+                    + (f" = {[zone[0] * thick.factor, zone[1] * thick.factor]}" if zone else "")
+                    + ", so that no validation or test tissue is read"
+                )
         if self.train_z and self.val_z and _overlaps(self.train_z, self.val_z):
             raise ConfigError(
                 f"data.val_z: {list(self.val_z)} overlaps data.train_z {list(self.train_z)}"
@@ -300,13 +358,17 @@ class Config:
     def inputs(self) -> list[str]:
         """Every file the run reads (volumes, the checkpoint it starts from)."""
         paths = [self.data.raw, self.data.labels, self.training.init_from]
+        thick = self.data.thick_sections
+        paths += [thick.raw, thick.labels] if thick else []
         return [p for p in paths if p] + [u.raw for u in self.semi.unlabeled]
 
     def to_dict(self) -> dict[str, Any]:
+        thick = self.data.thick_sections
         return {
             "model": self.model.to_dict(),
             "data": _plain(asdict(self.data))
-            | {"rois": [[list(r) for r in box] for box in self.data.rois or ()] or None},
+            | {"rois": [[list(r) for r in box] for box in self.data.rois or ()] or None}
+            | {"thick_sections": _plain(asdict(thick)) if thick else None},
             "training": _plain(asdict(self.training)),
             "augment": asdict(self.augment),
             "validation": _plain(asdict(self.validation)),
@@ -352,6 +414,13 @@ def _section(cls: type, raw: Any, name: str, base: Path | None = None) -> Any:
             if base is not None and not path.is_absolute():
                 path = (base / path).resolve()
             raw = raw | {"rois": read_rois_json(path)}
+        thick = raw.get("thick_sections")
+        if isinstance(thick, dict):
+            for key in ("raw", "labels"):
+                if key not in thick:
+                    raise ConfigError(f"data.thick_sections.{key}: required (FILE:DATASET)")
+                thick = thick | {key: resolve_volume_path(str(thick[key]), base)}
+            raw = raw | {"thick_sections": thick}
     try:
         return cls(**raw)
     except TypeError as exc:

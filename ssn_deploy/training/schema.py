@@ -55,6 +55,10 @@ KEY_DOCS: dict[str, str] = {
     "data.rois": "labels only inside these boxes: [[z0, z1], [y0, y1], [x0, x1]] voxels each, or "
     "the path of a rois.json from ssn-deploy select; crops come from inside one box (all of "
     "train_z if unset)",
+    "data.thick_sections": "for an anisotropic model: more training sections cut from the "
+    "isotropic volume data.raw was thickened from, {raw, labels, factor, z, phases}: each run of "
+    "factor sections averaged (labels of the middle one) at every phase; z must lie within "
+    "train_z x factor",
     "training.iterations": "total updates (a resumed run continues to this number)",
     "training.crop": "crop z,y,x; a multiple of the model's granularity",
     "training.batch_size": "crops per update",

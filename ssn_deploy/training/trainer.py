@@ -43,6 +43,7 @@ from ssn_deploy.training.data import (
     make_targets,
     read_rois,
     read_slab,
+    read_thick_sections,
 )
 from ssn_deploy.training.loader import ParallelBatches
 from ssn_deploy.training.losses import LOSSES
@@ -150,6 +151,8 @@ class Trainer:
             if data.rois
             else [read_slab(data.raw, data.labels, data.train_z, data.unknown_label)]
         )
+        if data.thick_sections is not None:
+            self.train_slabs += read_thick_sections(data.thick_sections, data.unknown_label)
         self.train_slab = self.train_slabs[0]
         self.val_slab = (
             read_slab(data.raw, data.labels, data.val_z, data.unknown_label)
