@@ -64,11 +64,51 @@ def validation_region(data: Path, work: Path, model: str) -> tuple[Path, Path]:
     return raw, gt
 
 
-def threshold_sweep(affinities: str, gt: Path, work: Path, prefix: str) -> dict[str, Any]:
+ANISO_CUTS = (1, 2, 3, 4)
+"""Phases at which ``aniso``'s validation tissue (``fib_medulla_250`` z ∈ [90, 125), the
+sections [18, 25) of ``fib_medulla_250_aniso5`` at phase 0) is cut again into 50 nm sections:
+4 × 6 more validation sections, so seven sections' noise does not pick the model."""
+
+
+def aniso_validation_cuts(data: Path, work: Path) -> list[tuple[Path, Path]]:
+    """Raw and labels of ``aniso``'s validation tissue at phase 0 (its validation region) and at
+    every phase of :data:`ANISO_CUTS`, as zarr under ``work`` (made once)."""
+    import h5py
+
+    from ssn_deploy.training.data import thicken
+
+    regions = [validation_region(data, work / "cut0", "aniso")]
+    with h5py.File(data / RAW_250, "r") as f:
+        raw, labels = f["volumes/raw"][90:125], f["volumes/labels/neuron_ids"][90:125]
+    for phase in ANISO_CUTS:
+        cut = work / f"cut{phase}"
+        cut.mkdir(parents=True, exist_ok=True)
+        hdf = cut / "cut.hdf"
+        if not hdf.exists():
+            thick_raw, thick_labels = thicken(raw[phase:], labels[phase:], 5)
+            with h5py.File(hdf, "w") as out:
+                for name, array in (("raw", thick_raw), ("labels/neuron_ids", thick_labels)):
+                    out.create_dataset(f"volumes/{name}", data=array)
+                    out[f"volumes/{name}"].attrs["resolution"] = (50.0, 10.0, 10.0)
+        pair = cut / "raw.zarr", cut / "gt.zarr"
+        for path, dataset in zip(pair, ("volumes/raw", "volumes/labels/neuron_ids"), strict=True):
+            if not path.exists():
+                cli("convert", f"{hdf}:{dataset}", str(path), "--no-progress")
+        regions.append(pair)
+    return regions
+
+
+def threshold_sweep(
+    affinities: str,
+    gt: Path,
+    work: Path,
+    prefix: str,
+    thresholds: Sequence[float] = THRESHOLD_SWEEP,
+) -> dict[str, Any]:
     """``ssn-deploy segment`` of stored ``affinities`` at every threshold of the sweep, each
     scored by ``ssn-deploy evaluate``: VOI per threshold and the best."""
     sweep = {}
-    for threshold in THRESHOLD_SWEEP:
+    for threshold in thresholds:
         swept = work / f"{prefix}_t{threshold}.zarr"
         cli("segment", affinities, "-o", str(swept), "--threshold", str(threshold),
             "--overwrite", "--no-progress")  # fmt: skip

@@ -10,8 +10,12 @@ block, so the in-memory path equals the blockwise one. Make the inputs with
     NAMES=model DATASET=fib_medulla_250_aniso5 ROI=18:25,:,: \\
         scripts/evaluate_model.sh aniso OUT/aniso_val ../shared/data
     python benchmarks/fragment_settings.py OUT/iso_val OUT/aniso_val
+    python benchmarks/fragment_settings.py --quantiles OUT/iso_val OUT/aniso_val
 
-Writes benchmarks/results/default_model/fragment_settings.json.
+Writes benchmarks/results/default_model/fragment_settings.json. ``--quantiles`` instead scores
+the agglomeration's merge quantile (the score of an edge is 1 − that quantile of its affinity
+histogram; the shipped 50 is waterz's ``aff50_his256``) at the shipped fragment settings, into
+``merge_quantile.json``.
 """
 
 from __future__ import annotations
@@ -34,13 +38,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "default_model"
 INTERIOR = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEED_DISTANCE = (1, 2, 3, 5)
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+QUANTILES = (10, 25, 50, 60, 75, 90)
 
 
 def sweep(run: Path) -> dict:
-    affs_vol = open_volume(str(run / "model.zarr" / "affinities"))
-    affs = np.asarray(affs_vol[:]).astype(np.float32) / np.float32(255)
-    gt = np.asarray(open_volume(str(run / "test_gt.zarr"))[:])
-    anisotropic = is_anisotropic(affs_vol.voxel_size)
+    affs, gt, anisotropic = read_run(run)
     default = fragments_module.BOUNDARY_THRESHOLD
     rows = []
     try:
@@ -81,11 +83,47 @@ def sweep(run: Path) -> dict:
     }
 
 
+def read_run(run: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The stored affinities as [0, 1] floats, the labels, and whether the data is anisotropic."""
+    affs_vol = open_volume(str(run / "model.zarr" / "affinities"))
+    affs = np.asarray(affs_vol[:]).astype(np.float32) / np.float32(255)
+    gt = np.asarray(open_volume(str(run / "test_gt.zarr"))[:])
+    return affs, gt, is_anisotropic(affs_vol.voxel_size)
+
+
+def quantile_sweep(run: Path) -> dict:
+    """VOI per merge quantile and threshold, at the shipped fragment settings."""
+    affs, gt, anisotropic = read_run(run)
+    frags = fragments_module.watershed_fragments(affs, anisotropic=anisotropic)
+    stats = edge_statistics(affs, frags, fragments_module.DEFAULT_OFFSETS)
+    rows = []
+    for quantile in QUANTILES:
+        history = agglomerate(stats, quantile=quantile)
+        for threshold in (*THRESHOLDS, 0.9):
+            m = evaluate(relabel(frags, history.lookup(threshold)), gt)
+            rows.append({"quantile": quantile, "threshold": threshold,
+                         "voi": round(m["voi"], 4), "arand": round(m["arand"], 4)})  # fmt: skip
+        best = min((r for r in rows if r["quantile"] == quantile), key=lambda r: r["voi"])
+        print(f"{run.name}: quantile {quantile}: best VOI {best['voi']:.3f} at {best['threshold']}")
+    best_by_quantile = {
+        q: min((r for r in rows if r["quantile"] == q), key=lambda r: r["voi"]) for q in QUANTILES
+    }
+    return {"region": str(run), "best_by_quantile": best_by_quantile, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="evaluate_model.sh output folders")
-    parser.add_argument("--output", type=Path, default=RESULTS / "fragment_settings.json")
+    parser.add_argument("--quantiles", action="store_true", help="sweep the merge quantile")
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.quantiles:
+        output = args.output or RESULTS / "merge_quantile.json"
+        quantiles = {run.name: quantile_sweep(run) for run in args.runs}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(quantiles, indent=1) + "\n")
+        return
+    args.output = args.output or RESULTS / "fragment_settings.json"
     result = {run.name: sweep(run) for run in args.runs}
     for name, r in result.items():
         b, s = r["best"], r["shipped_settings_best_threshold"]

@@ -165,3 +165,33 @@ def test_changing_offsets_keeps_the_kept_channels_exactly() -> None:
     torch.testing.assert_close(wide[:, 3:], base[:, [0, 2]], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="axis-aligned"):
         with_offsets(model, [*NEAREST, (-1, -1, 0)])
+
+
+def test_set_threshold_writes_a_copy_that_infer_and_export_carry(tmp_path) -> None:
+    """``scripts/set_threshold.py``: the copy carries the new threshold (the predictor and the
+    ONNX spec read it), remembers the trainer's, and the input is left as it was."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ssn_deploy.inference.loader import default_model, load_predictor
+    from ssn_deploy.models.spec import ModelSpec
+
+    source = default_model("torch", "aniso")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "set_threshold.py"
+    out = tmp_path / "t.ckpt"
+    args = [sys.executable, str(script), str(source), str(out), "--chosen-on", "a test"]
+    done = subprocess.run([*args, "--threshold", "0.35"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    spec = ModelSpec.from_checkpoint(load_checkpoint(out))
+    assert spec.threshold == 0.35
+    assert load_predictor(str(out), "torch").spec.threshold == 0.35
+    best = load_checkpoint(out).extra["best"]
+    recorded = load_checkpoint(source).extra["best"]
+    assert best["trainer_threshold"] == recorded.get("trainer_threshold", recorded["threshold"])
+    assert best["threshold_chosen_on"] == "a test"
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    refused = subprocess.run([*args, "--threshold", "1.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "(0, 1)" in refused.stderr
