@@ -230,6 +230,40 @@ def test_trainer_samples_the_thick_sections_too(tiny_train, tmp_path) -> None:
     assert [s.raw.shape[0] for s in trainer.train_slabs] == [24, 22, 21]
     chosen = {id(trainer.source.sampler.choose((8, 48, 48))) for _ in range(30)}
     assert len(chosen) == 3  # every slab is drawn
+    assert len(trainer.val_slabs) == 1
+
+
+def test_validation_over_thick_cuts_ranks_by_the_mean_voi(tiny_train, tmp_path) -> None:
+    """``thick_sections.val_z`` adds the validation tissue's other cuts: the loss is pooled,
+    and one threshold is chosen for all cuts by their mean VOI. (The tiny volume stands in for
+    both the thick volume and its isotropic source: only the mechanics are tested here.)"""
+    cfg = tiny_config(tiny_train)
+    data = cfg.to_dict()["data"] | {"train_z": [0, 16], "val_z": [16, 24], "test_z": [24, 50]}
+    thick = {"raw": data["raw"], "labels": data["labels"], "factor": 2, "z": [0, 30],
+             "val_z": [30, 48]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"thick_sections.val_z.*\[32, 48\]"):
+        config_from_dict(cfg.to_dict() | {"data": data | {"thick_sections": thick}})
+    thick["val_z"] = [32, 48]
+    cfg = config_from_dict(cfg.to_dict() | {"data": data | {"thick_sections": thick}})
+    trainer = Trainer(cfg, tmp_path, segmenter=lambda affs: [np.ones(affs.shape[1:], np.uint64)])
+    assert [s.raw.shape[0] for s in trainer.val_slabs] == [8, 8, 7]
+    assert [s.z_range for s in trainer.val_slabs[1:]] == [(32, 48), (33, 47)]
+    metrics = trainer.validate()
+    assert np.isfinite(metrics["loss"]) and metrics["voi_split"] == 0  # one segment: no split
+    assert metrics["voi_merge"] > 0 and metrics["threshold"] == cfg.validation.thresholds[0]
+
+
+def test_best_mean_chooses_one_threshold_for_every_region() -> None:
+    from ssn_deploy.training.validation import best_mean
+
+    def rows(vois):
+        return [{"voi": v, "voi_split": v, "voi_merge": 0.0, "arand": 0.1, "cremi_score": 0.0,
+                 "threshold": t} for t, v in zip((0.3, 0.5, 0.7), vois, strict=True)]  # fmt: skip
+
+    # region a is best at 0.3 and region b at 0.7, but 0.5 is best on average
+    best = best_mean([rows([1.0, 1.2, 2.0]), rows([2.0, 1.2, 1.0])])
+    assert best["threshold"] == 0.5 and best["voi"] == pytest.approx(1.2)
+    assert best_mean([rows([1.0, 1.2, 2.0])])["threshold"] == 0.3
 
 
 def losses(run_dir: Path) -> list[str]:

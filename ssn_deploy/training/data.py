@@ -104,15 +104,19 @@ def thicken(raw: np.ndarray, labels: np.ndarray, factor: int) -> tuple[np.ndarra
     return thick, labels[factor // 2 : n * factor : factor]
 
 
-def read_thick_sections(thick: ThickSections, unknown_label: int | None = None) -> list[Slab]:
-    """One slab per phase of :class:`ThickSections`: the source's ``z`` thickened by ``factor``
-    starting at ``z[0] + phase``, at the thick voxel size."""
-    source = read_slab(thick.raw, thick.labels, thick.z, unknown_label)
+def read_thick_sections(
+    thick: ThickSections, unknown_label: int | None = None, z: ZRange | None = None
+) -> list[Slab]:
+    """One slab per phase of :class:`ThickSections`: the source's ``z`` (``thick.z`` unless
+    given, e.g. ``thick.val_z``) thickened by ``factor`` starting at ``z[0] + phase``, at the
+    thick voxel size."""
+    z = z or thick.z
+    source = read_slab(thick.raw, thick.labels, z, unknown_label)
     slabs = []
     for phase in thick.phases:
         raw, labels = thicken(source.raw[phase:], source.labels[phase:], thick.factor)
         known = np.ones(labels.shape, bool) if unknown_label is None else labels != unknown_label
-        z0 = thick.z[0] + phase
+        z0 = z[0] + phase
         voxel = (source.voxel_size[0] * thick.factor, *source.voxel_size[1:])
         slabs.append(Slab(raw, labels, known, (z0, z0 + len(raw) * thick.factor), voxel))
     return slabs

@@ -58,7 +58,8 @@ KEY_DOCS: dict[str, str] = {
     "data.thick_sections": "for an anisotropic model: more training sections cut from the "
     "isotropic volume data.raw was thickened from, {raw, labels, factor, z, phases}: each run of "
     "factor sections averaged (labels of the middle one) at every phase; z must lie within "
-    "train_z x factor",
+    "train_z x factor; val_z (within val_z x factor) cuts the validation tissue the same way, "
+    "and checkpoints are then ranked by the mean VOI of all validation cuts",
     "training.iterations": "total updates (a resumed run continues to this number)",
     "training.crop": "crop z,y,x; a multiple of the model's granularity",
     "training.batch_size": "crops per update",

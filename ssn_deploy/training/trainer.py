@@ -48,7 +48,13 @@ from ssn_deploy.training.data import (
 from ssn_deploy.training.loader import ParallelBatches
 from ssn_deploy.training.losses import LOSSES
 from ssn_deploy.training.run import prepare_run_dir, record_run
-from ssn_deploy.training.validation import Segmenter, autocast, predict_whole, score
+from ssn_deploy.training.validation import (
+    Segmenter,
+    autocast,
+    best_mean,
+    predict_whole,
+    score_by_threshold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +165,11 @@ class Trainer:
             if data.val_z is not None
             else None
         )
+        self.val_slabs = [self.val_slab] if self.val_slab is not None else []
+        if data.thick_sections is not None and data.thick_sections.val_z is not None:
+            self.val_slabs += read_thick_sections(
+                data.thick_sections, data.unknown_label, data.thick_sections.val_z
+            )
         self.normalization = (
             Normalization.measure(np.concatenate([s.raw.ravel() for s in self.train_slabs]))
             if data.normalization == "meanstd"
@@ -259,28 +270,41 @@ class Trainer:
     # -- validation ------------------------------------------------------------------------
 
     def validate(self) -> dict[str, Any]:
-        """Validation loss and, with a segmenter, VOI/ARAND at the best configured threshold."""
-        assert self.val_slab is not None
-        slab, cfg = self.val_slab, self.config
-        affs = predict_whole(
-            self.model, self.normalization(slab.raw), self.device, cfg.training.amp
-        )
-        target, weights = make_targets(
-            slab.labels, slab.known, cfg.model.offsets, cfg.data.mask_channels
-        )
-        p = torch.from_numpy(affs).clamp(1e-6, 1 - 1e-6)
-        bce = torch.nn.functional.binary_cross_entropy(
-            p, torch.from_numpy(target), torch.from_numpy(weights), reduction="sum"
-        ) / max(float(weights.sum()), 1e-6)
-        metrics: dict[str, Any] = {"loss": float(bce)}
-        if self.segmenter is not None:
-            metrics |= score(
-                affs,
-                slab.labels,
-                self.segmenter,
-                cfg.validation.thresholds,
-                cfg.validation.ignore_ids,
+        """Validation loss and, with a segmenter, VOI/ARAND at the best configured threshold.
+
+        With several validation regions (``data.thick_sections.val_z``) the loss is pooled over
+        all of them and the metrics are averaged at the one threshold best on average.
+        """
+        assert self.val_slabs
+        cfg = self.config
+        total, weight, per_region = 0.0, 0.0, []
+        for slab in self.val_slabs:
+            affs = predict_whole(
+                self.model, self.normalization(slab.raw), self.device, cfg.training.amp
             )
+            target, weights = make_targets(
+                slab.labels, slab.known, cfg.model.offsets, cfg.data.mask_channels
+            )
+            p = torch.from_numpy(affs).clamp(1e-6, 1 - 1e-6)
+            total += float(
+                torch.nn.functional.binary_cross_entropy(
+                    p, torch.from_numpy(target), torch.from_numpy(weights), reduction="sum"
+                )
+            )
+            weight += float(weights.sum())
+            if self.segmenter is not None:
+                per_region.append(
+                    score_by_threshold(
+                        affs,
+                        slab.labels,
+                        self.segmenter,
+                        cfg.validation.thresholds,
+                        cfg.validation.ignore_ids,
+                    )
+                )
+        metrics: dict[str, Any] = {"loss": total / max(weight, 1e-6)}
+        if per_region:
+            metrics |= best_mean(per_region)
         return metrics
 
     def _improved(self, metrics: dict[str, Any]) -> bool:

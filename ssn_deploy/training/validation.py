@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,30 +44,34 @@ def predict_whole(
     return out[0, :, :z, :y, :xx].float().cpu().numpy()
 
 
-def score(
+METRICS = ("voi", "voi_split", "voi_merge", "arand", "cremi_score")
+
+
+def score_by_threshold(
     affs: np.ndarray,
     gt: np.ndarray,
     segmenter: Segmenter,
     thresholds: Sequence[float],
     ignore_ids: Sequence[int] = (),
-) -> dict[str, Any]:
-    """Segment at each threshold and keep the one with the lowest VOI (split + merge)."""
+) -> list[dict[str, float]]:
+    """The metrics of the segmentation at each threshold, in the order of ``thresholds``."""
     segs = segmenter(affs)
     segs = [segs] if isinstance(segs, np.ndarray) else list(segs)
     if len(segs) != len(thresholds):
         raise ValueError(f"segmenter returned {len(segs)} segmentations for {len(thresholds)}")
-    best: dict[str, Any] | None = None
+    rows = []
     for threshold, seg in zip(thresholds, segs, strict=True):
         m = evaluate(seg, gt, ignore_ids=ignore_ids)
-        result = {
-            "voi": float(m["voi"]),
-            "voi_split": float(m["voi_split"]),
-            "voi_merge": float(m["voi_merge"]),
-            "arand": float(m["arand"]),
-            "cremi_score": float(m["cremi_score"]),
-            "threshold": float(threshold),
-        }
-        if best is None or result["voi"] < best["voi"]:
-            best = result
-    assert best is not None
-    return best
+        rows.append({k: float(m[k]) for k in METRICS} | {"threshold": float(threshold)})
+    return rows
+
+
+def best_mean(per_region: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
+    """The threshold whose VOI averaged over the regions is lowest, with every metric averaged:
+    one threshold for all regions, as the model will carry one."""
+    rows = [
+        {k: float(np.mean([r[i][k] for r in per_region])) for k in METRICS}
+        | {"threshold": per_region[0][i]["threshold"]}
+        for i in range(len(per_region[0]))
+    ]
+    return min(rows, key=lambda row: row["voi"])
