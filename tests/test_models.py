@@ -168,8 +168,9 @@ def test_changing_offsets_keeps_the_kept_channels_exactly() -> None:
 
 
 def test_set_threshold_writes_a_copy_that_infer_and_export_carry(tmp_path) -> None:
-    """``scripts/set_threshold.py``: the copy carries the new threshold (the predictor and the
-    ONNX spec read it), remembers the trainer's, and the input is left as it was."""
+    """``scripts/set_threshold.py``: the copy carries the new threshold (the model spec, which
+    export writes into the ONNX metadata, and the predictor read it), remembers the trainer's,
+    and the input is left as it was."""
     import hashlib
     import subprocess
     import sys

@@ -104,6 +104,20 @@ class ThickSections:
                 )
 
 
+def _require_within(
+    rng: ZRange, zone: ZRange | None, factor: int, key: str, zone_key: str, other: str
+) -> None:
+    """Refuse a ``data.thick_sections`` range of the isotropic source that reaches outside the
+    thickened volume's ``zone`` × ``factor``: it would read ``other`` or test tissue."""
+    if zone is not None and zone[0] * factor <= rng[0] < rng[1] <= zone[1] * factor:
+        return
+    scaled = f" = {[zone[0] * factor, zone[1] * factor]}" if zone else ""
+    raise ConfigError(
+        f"data.thick_sections.{key}: {list(rng)} must lie within data.{zone_key} × {factor}"
+        f"{scaled}, so that no {other} or test tissue is read"
+    )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where labelled data lives and which z-slabs training and validation may read.
@@ -164,30 +178,10 @@ class DataConfig:
                         f"{list(self.test_z)}, which training must never read"
                     )
         if self.thick_sections is not None:
-            thick, zone = self.thick_sections, self.train_z
-            if zone is None or not (
-                zone[0] * thick.factor <= thick.z[0] < thick.z[1] <= zone[1] * thick.factor
-            ):
-                raise ConfigError(
-                    f"data.thick_sections.z: {list(thick.z)} must lie within data.train_z × "
-                    f"{thick.factor}"
-                    + (f" = {[zone[0] * thick.factor, zone[1] * thick.factor]}" if zone else "")
-                    + ", so that no validation or test tissue is read"
-                )
+            thick = self.thick_sections
+            _require_within(thick.z, self.train_z, thick.factor, "z", "train_z", "validation")
             if thick.val_z is not None:
-                zone = self.val_z
-                if zone is None or not (
-                    zone[0] * thick.factor
-                    <= thick.val_z[0]
-                    < thick.val_z[1]
-                    <= zone[1] * thick.factor
-                ):
-                    raise ConfigError(
-                        f"data.thick_sections.val_z: {list(thick.val_z)} must lie within "
-                        f"data.val_z × {thick.factor}"
-                        + (f" = {[zone[0] * thick.factor, zone[1] * thick.factor]}" if zone else "")
-                        + ", so that no training or test tissue is read"
-                    )
+                _require_within(thick.val_z, self.val_z, thick.factor, "val_z", "val_z", "training")
         if self.train_z and self.val_z and _overlaps(self.train_z, self.val_z):
             raise ConfigError(
                 f"data.val_z: {list(self.val_z)} overlaps data.train_z {list(self.train_z)}"

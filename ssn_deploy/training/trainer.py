@@ -160,12 +160,11 @@ class Trainer:
         if data.thick_sections is not None:
             self.train_slabs += read_thick_sections(data.thick_sections, data.unknown_label)
         self.train_slab = self.train_slabs[0]
-        self.val_slab = (
-            read_slab(data.raw, data.labels, data.val_z, data.unknown_label)
+        self.val_slabs = (
+            [read_slab(data.raw, data.labels, data.val_z, data.unknown_label)]
             if data.val_z is not None
-            else None
+            else []
         )
-        self.val_slabs = [self.val_slab] if self.val_slab is not None else []
         if data.thick_sections is not None and data.thick_sections.val_z is not None:
             self.val_slabs += read_thick_sections(
                 data.thick_sections, data.unknown_label, data.thick_sections.val_z
@@ -405,7 +404,7 @@ class Trainer:
                     bar.set_postfix(loss=row["loss"][:6])
                     window, grad_norms = [], []
                     t_last, n_last = now, self.iteration
-                if self.val_slab is not None and (self.iteration % tc.val_every == 0 or final):
+                if self.val_slabs and (self.iteration % tc.val_every == 0 or final):
                     metrics = self.validate()
                     row = row or {"iteration": self.iteration}
                     row |= {f"val_{k}": v for k, v in metrics.items()}
@@ -526,7 +525,7 @@ def fit_schedule(trainer: Trainer, budget_s: float, *, progress: bool = True) ->
     trainer.fit(PROBE_WARMUP + PROBE_TIMED, progress=progress)
     per_update = (time.perf_counter() - t0) / PROBE_TIMED
     t0 = time.perf_counter()
-    if trainer.val_slab is not None:
+    if trainer.val_slabs:
         trainer.validate()
     per_validation = time.perf_counter() - t0
     left = 0.97 * budget_s - (time.perf_counter() - start)
