@@ -151,7 +151,7 @@ def test_config_errors_name_the_bad_key(tiny_train, section, change, message) ->
     "name",
     [
         "fib_medulla_250", "fib_medulla_250_aniso5", "fib_medulla_250_aniso5_thick",
-        "vnc_sstem_2dlabels", "fib_tiny_train",
+        "fib_medulla_250_extra", "fib_medulla_250_stage3", "vnc_sstem_2dlabels", "fib_tiny_train",
         "gpu/fib_medulla_250_paper", "gpu/fib_medulla_250_aniso5_paper",
     ],
 )  # fmt: skip
@@ -166,6 +166,11 @@ def test_shipped_configs_validate(name) -> None:
     if name.startswith("fib_medulla_250_aniso5"):
         assert cfg.data.test_z == (25, 50) and cfg.data.val_z[1] <= 25
         assert not cfg.data.isotropic and all(p[0] == 1 for p in cfg.model.poolings)
+    if name == "fib_medulla_250_extra":  # the gala fixtures, never fib_medulla_250's test region
+        assert {Path(e.raw.split(":")[0]).name for e in cfg.data.extra} == {
+            "fib_tiny_train.hdf", "fib_tiny_test.hdf"}  # fmt: skip
+    if name.startswith("fib_medulla_250") and not name.startswith("fib_medulla_250_aniso5"):
+        assert cfg.data.test_z == (125, 250) and cfg.data.train_z[1] <= 125
     if name == "fib_medulla_250":
         assert cfg.data.test_z == (125, 250) and cfg.data.train_z[1] <= 125
         assert cfg.data.val_z[1] <= 125
@@ -231,6 +236,47 @@ def test_trainer_samples_the_thick_sections_too(tiny_train, tmp_path) -> None:
     chosen = {id(trainer.source.sampler.choose((8, 48, 48))) for _ in range(30)}
     assert len(chosen) == 3  # every slab is drawn
     assert len(trainer.val_slabs) == 1
+
+
+def test_fill_boundary_gives_membrane_voxels_the_nearest_body() -> None:
+    labels = np.zeros((1, 3, 7), np.uint64)
+    labels[..., :3], labels[..., 5:] = 4, 9  # membrane (0) at x = 3, 4
+    before = labels.copy()
+    filled = data_module.fill_boundary(labels, 0)
+    np.testing.assert_array_equal(filled[0, 0], [4, 4, 4, 4, 9, 9, 9])
+    np.testing.assert_array_equal(labels, before)  # the input is left as it is
+    assert data_module.fill_boundary(np.zeros((2, 2, 2), np.uint64), 0).max() == 0
+
+
+def test_trainer_samples_extra_volumes_by_their_share(tiny_train, tiny_test, tmp_path) -> None:
+    """``data.extra``: a whole second labelled volume (the other gala fixture, real data) with
+    its membrane label filled, drawn for its share of the crops; data.raw's own file is refused
+    (read whole, it would read the validation and test regions)."""
+    cfg = tiny_config(tiny_train)
+    data = cfg.to_dict()["data"] | {"train_z": [0, 24], "val_z": [24, 34], "test_z": [34, 50]}
+    same = {"raw": data["raw"], "labels": data["labels"], "share": 0.2}
+    with pytest.raises(ConfigError, match=r"data.extra\[0\].*data.raw's file"):
+        config_from_dict(cfg.to_dict() | {"data": data | {"extra": [same]}})
+    extra = {"raw": f"{tiny_test}:volumes/raw", "labels": f"{tiny_test}:volumes/labels/neuron_ids",
+             "share": 1.0, "fill_label": 0}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data\.extra\.share"):
+        config_from_dict(cfg.to_dict() | {"data": data | {"extra": [extra]}})
+    extra["share"] = 0.3
+    cfg = config_from_dict(cfg.to_dict() | {"data": data | {"extra": [extra]}})
+    assert config_from_dict(cfg.to_dict()) == cfg  # as the run directory records it
+    assert str(tiny_test) in " ".join(cfg.inputs())
+    trainer = Trainer(cfg, tmp_path)
+    main_slab, extra_slab = trainer.train_slabs
+    assert extra_slab.raw.shape == (50, 100, 200) and extra_slab.share == 0.3
+    assert (extra_slab.labels != 0).all()  # the 9 % membrane voxels took a body's id
+    draws = [trainer.source.sampler.choose((8, 48, 48)) is extra_slab for _ in range(2000)]
+    assert np.mean(draws) == pytest.approx(0.3, abs=0.04)
+    assert main_slab.z_range == (0, 24)
+    aniso = tiny_test.parent / "fib_medulla_250_aniso5.hdf"  # 50 nm sections: refused
+    extra = {"raw": f"{aniso}:volumes/raw", "labels": f"{aniso}:volumes/labels/neuron_ids"}
+    cfg = config_from_dict(cfg.to_dict() | {"data": data | {"extra": [extra | {"share": 0.3}]}})
+    with pytest.raises(ConfigError, match=r"voxels of \[50.0, 10.0, 10.0\] nm"):
+        Trainer(cfg, tmp_path / "aniso")
 
 
 def test_validation_over_thick_cuts_ranks_by_the_mean_voi(tiny_train, tmp_path) -> None:

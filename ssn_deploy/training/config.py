@@ -119,6 +119,34 @@ def _require_within(
 
 
 @dataclass(frozen=True)
+class ExtraVolume:
+    """Another labelled volume of the same modality and voxel size, trained on in full.
+
+    ``fill_label`` (e.g. 0 where membranes are labelled 0) gives those voxels the nearest body's
+    id, the dense convention of ``data.labels`` (boundaries between ids, not between voxels of a
+    boundary class). ``share`` is the fraction of crops drawn from it; ``data.raw``'s slabs share
+    the rest. It must not be ``data.raw``'s file, whose test region it would read.
+    """
+
+    raw: str
+    labels: str
+    share: float
+    z: ZRange | None = None
+    unknown_label: int | None = None
+    fill_label: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "share", float(self.share))
+        if not 0 < self.share < 1:
+            raise ConfigError(f"data.extra.share: expected a fraction in (0, 1), got {self.share}")
+        object.__setattr__(self, "z", _z_range(self.z, "data.extra.z"))
+
+
+def _file(spec: str) -> Path:
+    return Path(spec.partition(":")[0]).resolve()
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where labelled data lives and which z-slabs training and validation may read.
 
@@ -138,8 +166,28 @@ class DataConfig:
     normalization: str = "scale"
     rois: tuple[RoiBox, ...] | None = None
     thick_sections: ThickSections | None = None
+    extra: tuple[ExtraVolume, ...] = ()
 
     def __post_init__(self) -> None:
+        extra = []
+        for i, item in enumerate(self.extra or ()):
+            if isinstance(item, dict):
+                keys = set(item) - {f.name for f in fields(ExtraVolume)}
+                if keys:
+                    raise ConfigError(f"data.extra[{i}]: unknown key(s) {sorted(keys)}")
+                try:
+                    item = ExtraVolume(**item)
+                except TypeError as exc:
+                    raise ConfigError(f"data.extra[{i}]: {exc}") from None
+            if _file(item.raw) == _file(self.raw) or _file(item.labels) == _file(self.labels):
+                raise ConfigError(
+                    f"data.extra[{i}]: {item.raw} is data.raw's file; extra volumes are read "
+                    "whole, which would read its validation and test regions"
+                )
+            extra.append(item)
+        if sum(e.share for e in extra) >= 1:
+            raise ConfigError("data.extra: the shares must leave some crops to data.raw")
+        object.__setattr__(self, "extra", tuple(extra))
         if isinstance(self.thick_sections, dict):
             keys = set(self.thick_sections) - {f.name for f in fields(ThickSections)}
             if keys:
@@ -374,6 +422,7 @@ class Config:
         paths = [self.data.raw, self.data.labels, self.training.init_from]
         thick = self.data.thick_sections
         paths += [thick.raw, thick.labels] if thick else []
+        paths += [p for e in self.data.extra for p in (e.raw, e.labels)]
         return [p for p in paths if p] + [u.raw for u in self.semi.unlabeled]
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,7 +431,8 @@ class Config:
             "model": self.model.to_dict(),
             "data": _plain(asdict(self.data))
             | {"rois": [[list(r) for r in box] for box in self.data.rois or ()] or None}
-            | {"thick_sections": _plain(asdict(thick)) if thick else None},
+            | {"thick_sections": _plain(asdict(thick)) if thick else None}
+            | {"extra": [_plain(asdict(e)) for e in self.data.extra]},
             "training": _plain(asdict(self.training)),
             "augment": asdict(self.augment),
             "validation": _plain(asdict(self.validation)),
@@ -435,6 +485,15 @@ def _section(cls: type, raw: Any, name: str, base: Path | None = None) -> Any:
                     raise ConfigError(f"data.thick_sections.{key}: required (FILE:DATASET)")
                 thick = thick | {key: resolve_volume_path(str(thick[key]), base)}
             raw = raw | {"thick_sections": thick}
+        if isinstance(raw.get("extra"), list):
+            resolved = []
+            for i, item in enumerate(raw["extra"]):
+                if not isinstance(item, dict) or not {"raw", "labels"} <= set(item):
+                    raise ConfigError(f"data.extra[{i}]: expected a mapping with raw and labels")
+                resolved.append(
+                    item | {k: resolve_volume_path(str(item[k]), base) for k in ("raw", "labels")}
+                )
+            raw = raw | {"extra": tuple(resolved)}
     try:
         return cls(**raw)
     except TypeError as exc:

@@ -10,11 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from ssn_deploy.affinities import affinities_from_labels, class_balance_weights
 from ssn_deploy.errors import InvalidInputError
 from ssn_deploy.training.augment import Augmenter
-from ssn_deploy.training.config import ThickSections, UnlabelledSource
+from ssn_deploy.training.config import ExtraVolume, ThickSections, UnlabelledSource
 from ssn_deploy.volumes import Volume, open_volume
 
 ZRange = tuple[int, int]
@@ -29,6 +30,7 @@ class Slab:
     known: np.ndarray
     z_range: ZRange
     voxel_size: tuple[float, float, float]
+    share: float | None = None  # fraction of crops drawn from it; None: by crop positions
 
 
 def _open(spec: str) -> Volume:
@@ -122,12 +124,32 @@ def read_thick_sections(
     return slabs
 
 
+def fill_boundary(labels: np.ndarray, fill_label: int) -> np.ndarray:
+    """Voxels of ``fill_label`` take the nearest other voxel's id (3D Euclidean), so boundaries
+    lie between bodies as in densely labelled volumes; a copy, the input is left as it is."""
+    fill = labels == fill_label
+    if not fill.any() or fill.all():
+        return labels.copy()
+    _, nearest = ndimage.distance_transform_edt(fill, return_indices=True)
+    return labels[tuple(nearest)]
+
+
+def read_extra_volume(extra: ExtraVolume) -> Slab:
+    """An extra labelled volume (``data.extra``), boundary label filled when asked."""
+    slab = read_slab(extra.raw, extra.labels, extra.z, extra.unknown_label)
+    if extra.fill_label is not None:
+        slab.labels = fill_boundary(slab.labels, extra.fill_label)
+    slab.share = extra.share
+    return slab
+
+
 class CropSampler:
     """Uniformly random crops of one or several slabs (labelled boxes), each crop inside one.
 
     A slab is drawn with probability proportional to its number of crop positions, so every
-    position of every box is equally likely; with one slab nothing is drawn, which keeps the
-    random sequence of single-slab runs. The Generator is saved for exact resume.
+    position of every box is equally likely, except slabs with a ``share`` (extra volumes),
+    drawn with that probability; with one slab nothing is drawn, which keeps the random
+    sequence of single-slab runs. The Generator is saved for exact resume.
     """
 
     def __init__(self, slabs: Slab | Sequence[Slab], rng: np.random.Generator) -> None:
@@ -152,7 +174,12 @@ class CropSampler:
                 f"training crop {tuple(shape)} fits in none of the labelled boxes "
                 f"{[sl.raw.shape for sl in self.slabs]}"
             )
-        self.slab = self.slabs[int(self.rng.choice(len(self.slabs), p=positions / positions.sum()))]
+        shared = np.array([sl.share is not None for sl in self.slabs])
+        fixed = np.array([sl.share or 0.0 for sl in self.slabs])
+        p = np.where(shared, 0.0, positions)
+        p = p / p.sum() * (1 - fixed.sum()) if p.sum() else p
+        p = np.where(shared & (positions > 0), fixed, p)
+        self.slab = self.slabs[int(self.rng.choice(len(self.slabs), p=p / p.sum()))]
         return self.slab
 
     def crop(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

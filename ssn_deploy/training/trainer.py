@@ -41,6 +41,7 @@ from ssn_deploy.training.data import (
     BatchSource,
     CropSampler,
     make_targets,
+    read_extra_volume,
     read_rois,
     read_slab,
     read_thick_sections,
@@ -160,6 +161,14 @@ class Trainer:
         if data.thick_sections is not None:
             self.train_slabs += read_thick_sections(data.thick_sections, data.unknown_label)
         self.train_slab = self.train_slabs[0]
+        for extra in data.extra:
+            slab = read_extra_volume(extra)
+            if slab.voxel_size != self.train_slab.voxel_size:
+                raise ConfigError(
+                    f"data.extra: {extra.raw} has voxels of {list(slab.voxel_size)} nm, "
+                    f"data.raw {list(self.train_slab.voxel_size)} nm: one model, one voxel size"
+                )
+            self.train_slabs.append(slab)
         self.val_slabs = (
             [read_slab(data.raw, data.labels, data.val_z, data.unknown_label)]
             if data.val_z is not None
