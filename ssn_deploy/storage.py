@@ -12,6 +12,7 @@ except ``http(s)://``, which is read-only (:func:`refuse_read_only`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import math
@@ -161,6 +162,36 @@ def write_error(exc: OSError) -> str | None:
     return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
+def settle_zarr_writes(timeout: float = 30.0) -> None:
+    """Let the chunk writes zarr still has in flight finish after one of them failed.
+
+    zarr gathers a region's chunk writes on its I/O loop: the first error propagates while the
+    others are still pending there, and zarr closes that loop at exit, each of them then
+    printing a traceback after the one-line error. Their own errors are retrieved (they are
+    the same storage failure)."""
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        for _ in range(100):  # pending writes may start others; bounded
+            me = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            if not pending:
+                return
+            done, _ = await asyncio.wait(pending, timeout=timeout)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()
+            if len(done) < len(pending):
+                return
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout + 5)
+
+
 @contextlib.contextmanager
 def storage_errors(spec: str | os.PathLike, then: str) -> Iterator[None]:
     """Turn a storage error while writing ``spec`` into one line that says ``then`` (what to
@@ -171,6 +202,7 @@ def storage_errors(spec: str | os.PathLike, then: str) -> Iterator[None]:
         message = write_error(exc)
         if message is None:
             raise
+        settle_zarr_writes()
         where = "" if exc.filename else f"cannot write {spec}: "
         raise StorageError(f"{where}{message}; {then}") from None
 
