@@ -261,7 +261,7 @@ def test_trainer_samples_extra_volumes_by_their_share(tiny_train, tiny_test, tmp
              "share": 1.0, "fill_label": 0}  # fmt: skip
     with pytest.raises(ConfigError, match=r"data\.extra\.share"):
         config_from_dict(cfg.to_dict() | {"data": data | {"extra": [extra]}})
-    extra["share"] = 0.3
+    extra |= {"share": 0.3, "match_intensity": True}
     cfg = config_from_dict(cfg.to_dict() | {"data": data | {"extra": [extra]}})
     assert config_from_dict(cfg.to_dict()) == cfg  # as the run directory records it
     assert str(tiny_test) in " ".join(cfg.inputs())
@@ -269,6 +269,8 @@ def test_trainer_samples_extra_volumes_by_their_share(tiny_train, tiny_test, tmp
     main_slab, extra_slab = trainer.train_slabs
     assert extra_slab.raw.shape == (50, 100, 200) and extra_slab.share == 0.3
     assert (extra_slab.labels != 0).all()  # the 9 % membrane voxels took a body's id
+    for stat in (np.mean, np.std):  # its contrast is now data.raw's training slab's
+        assert stat(extra_slab.raw) == pytest.approx(stat(main_slab.raw), abs=1.0)
     draws = [trainer.source.sampler.choose((8, 48, 48)) is extra_slab for _ in range(2000)]
     assert np.mean(draws) == pytest.approx(0.3, abs=0.04)
     assert main_slab.z_range == (0, 24)

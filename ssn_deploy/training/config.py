@@ -124,8 +124,10 @@ class ExtraVolume:
 
     ``fill_label`` (e.g. 0 where membranes are labelled 0) gives those voxels the nearest body's
     id, the dense convention of ``data.labels`` (boundaries between ids, not between voxels of a
-    boundary class). ``share`` is the fraction of crops drawn from it; ``data.raw``'s slabs share
-    the rest. It must not be ``data.raw``'s file, whose test region it would read.
+    boundary class). ``match_intensity`` maps its raw's histogram onto ``data.raw``'s first
+    training slab (another microscope's contrast, as a per-dataset normalisation would).
+    ``share`` is the fraction of crops drawn from it; ``data.raw``'s slabs share the rest. It
+    must not be ``data.raw``'s file, whose test region it would read.
     """
 
     raw: str
@@ -134,6 +136,7 @@ class ExtraVolume:
     z: ZRange | None = None
     unknown_label: int | None = None
     fill_label: int | None = None
+    match_intensity: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "share", float(self.share))

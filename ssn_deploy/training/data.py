@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage import exposure
 
 from ssn_deploy.affinities import affinities_from_labels, class_balance_weights
 from ssn_deploy.errors import InvalidInputError
@@ -134,9 +135,20 @@ def fill_boundary(labels: np.ndarray, fill_label: int) -> np.ndarray:
     return labels[tuple(nearest)]
 
 
-def read_extra_volume(extra: ExtraVolume) -> Slab:
-    """An extra labelled volume (``data.extra``), boundary label filled when asked."""
+def match_intensity(raw: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``raw`` (uint8) with the intensity histogram of ``reference``, rounded to uint8."""
+    matched = exposure.match_histograms(raw, reference)
+    return np.clip(np.round(matched), 0, 255).astype(np.uint8)
+
+
+def read_extra_volume(extra: ExtraVolume, reference: np.ndarray | None = None) -> Slab:
+    """An extra labelled volume (``data.extra``), boundary label filled and intensities matched
+    to ``reference`` (the main training raw) when asked."""
     slab = read_slab(extra.raw, extra.labels, extra.z, extra.unknown_label)
+    if extra.match_intensity:
+        if reference is None:
+            raise InvalidInputError("data.extra.match_intensity: no reference raw given")
+        slab.raw = match_intensity(slab.raw, reference)
     if extra.fill_label is not None:
         slab.labels = fill_boundary(slab.labels, extra.fill_label)
     slab.share = extra.share

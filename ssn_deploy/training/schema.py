@@ -61,9 +61,10 @@ KEY_DOCS: dict[str, str] = {
     "train_z x factor; val_z (within val_z x factor) cuts the validation tissue the same way, "
     "and checkpoints are then ranked by the mean VOI of all validation cuts",
     "data.extra": "more labelled volumes of the same modality and voxel size, read whole: a list "
-    "of {raw, labels, share, z, unknown_label, fill_label}; share is the fraction of crops drawn "
-    "from each; fill_label (e.g. 0 for membrane-labelled data) gives those voxels the nearest "
-    "body's id, the dense convention of data.labels; never data.raw's file",
+    "of {raw, labels, share, z, unknown_label, fill_label, match_intensity}; share is the fraction "
+    "of crops drawn from each; fill_label (e.g. 0 for membrane-labelled data) gives those voxels "
+    "the nearest body's id, the dense convention of data.labels; match_intensity maps its "
+    "histogram onto data.raw's training slab; never data.raw's file",
     "training.iterations": "total updates (a resumed run continues to this number)",
     "training.crop": "crop z,y,x; a multiple of the model's granularity",
     "training.batch_size": "crops per update",

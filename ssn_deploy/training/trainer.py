@@ -162,7 +162,7 @@ class Trainer:
             self.train_slabs += read_thick_sections(data.thick_sections, data.unknown_label)
         self.train_slab = self.train_slabs[0]
         for extra in data.extra:
-            slab = read_extra_volume(extra)
+            slab = read_extra_volume(extra, self.train_slab.raw)
             if slab.voxel_size != self.train_slab.voxel_size:
                 raise ConfigError(
                     f"data.extra: {extra.raw} has voxels of {list(slab.voxel_size)} nm, "
