@@ -16,9 +16,13 @@ from ssn_deploy.errors import ConfigError, SsnDeployError, StorageError
 
 
 def drop_pending_writes() -> None:
-    """After a failed write (a full disk), zarr's other writes of that call are still queued in
-    its event loop; exiting drops them and asyncio would log each one as an error."""
+    """After a failed write (a full disk, a missing bucket), zarr's other writes of that call
+    are still queued in its event loop: let them end (each fails the same way), so that exiting
+    neither logs them as errors nor prints a traceback for each coroutine left unfinished."""
+    from ssn_deploy.storage import settle_zarr_writes
+
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    settle_zarr_writes()
 
 
 def _verbosity_options() -> list[click.Option]:
