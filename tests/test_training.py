@@ -475,3 +475,44 @@ def test_time_budget_fits_the_schedule_and_records_it(tiny_train, tmp_path) -> N
                "--resume", "--time-budget", "1"],
     )  # fmt: skip
     assert result.exit_code == 1 and "config.yaml" in result.output
+
+
+def test_shape_descriptor_head_trains_beside_the_model_and_stays_out_of_it(
+    tiny_train, tmp_path
+) -> None:
+    """training.lsd_sigma: batches carry the 10 descriptors, a training-only head learns them
+    (its state in the checkpoint's training state, resumed exactly), the saved model is the
+    plain U-Net, and semi-supervised configs refuse it."""
+    from ssn_deploy.models.checkpoint import load_checkpoint
+    from ssn_deploy.models.registry import build_model
+
+    cfg = tiny_config(
+        tiny_train, iterations=4, checkpoint_every=2, val_every=100, log_every=1, lsd_sigma=40.0
+    )
+    fresh = Trainer(cfg, tmp_path / "probe")
+    batch = fresh.next_batch()
+    assert batch.lsds.shape == (1, 10, 16, 48, 48) and batch.lsd_weights.shape == (1, 1, 16, 48, 48)
+    assert 0 <= batch.lsds.min() and batch.lsds.max() <= 1 and batch.lsd_weights.mean() > 0.5
+    assert not batch.lsds[np.broadcast_to(batch.lsd_weights == 0, batch.lsds.shape)].any()
+
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", iterations=2, progress=False)
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    with open(tmp_path / "a" / "log.csv", newline="") as f:
+        lsd_losses = [float(r["lsd_loss"]) for r in csv.DictReader(f)]
+    assert len(lsd_losses) == 4 and all(0 < v < 1 for v in lsd_losses)
+
+    ckpt = load_checkpoint(tmp_path / "a" / "last.ckpt")
+    head = ckpt.extra["lsd_head"]
+    assert head["weight"].shape[:2] == (10, cfg.model.filters[0])
+    assert not torch.equal(head["weight"], fresh.lsd_head.state_dict()["weight"])  # it learned
+    plain = build_model(cfg.model).state_dict()
+    assert ckpt.model.state_dict().keys() == plain.keys()
+    for name in ("best.ckpt", "last.ckpt"):
+        assert load_checkpoint(tmp_path / "a" / name).model.config == cfg.model
+
+    raw = cfg.to_dict()
+    raw["semi"] = {"method": "mean_teacher", "unlabeled": [{"raw": raw["data"]["raw"]}]}
+    with pytest.raises(ConfigError, match="lsd_sigma"):
+        config_from_dict(raw)

@@ -235,6 +235,11 @@ class UNet3d(nn.Module):
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid affinities; losses use these for a numerically stable BCE."""
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The top level's ``filters[0]`` feature maps that the 1×1×1 head reads; training-only
+        heads (local shape descriptors) read them too."""
         self.check_shape(x.shape)
         x = self.embed_in(x)
         skips = []
@@ -247,7 +252,7 @@ class UNet3d(nn.Module):
             x = self.ups[i](x)
             x = torch.cat([x, skips[i]], dim=1) if self.config.skip == "concat" else x + skips[i]
             x = self.up_blocks[i](x)
-        return self.head(self.embed_out(x))
+        return self.embed_out(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward_logits(x))

@@ -273,6 +273,9 @@ class TrainingConfig:
     loader_workers: int = 0
     clip_grad_norm: float | None = 10.0
     init_from: str | None = None
+    lsd_sigma: float | None = None
+    lsd_weight: float = 1.0
+    lsd_downsample: int = 2
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -293,6 +296,13 @@ class TrainingConfig:
                 raise ConfigError(f"training.{key}: must be >= 1, got {getattr(self, key)}")
         if int(self.loader_workers) < 0:
             raise ConfigError(f"training.loader_workers: must be >= 0, got {self.loader_workers}")
+        if self.lsd_sigma is not None and not float(self.lsd_sigma) > 0:
+            raise ConfigError(f"training.lsd_sigma: must be > 0 nm or null, got {self.lsd_sigma}")
+        if not float(self.lsd_weight) > 0 or int(self.lsd_downsample) < 1:
+            raise ConfigError(
+                "training.lsd_weight must be > 0 and training.lsd_downsample >= 1, got "
+                f"{self.lsd_weight}, {self.lsd_downsample}"
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"training.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")
         if not self.lr > 0:
@@ -413,6 +423,11 @@ class Config:
         if bad:
             raise ConfigError(
                 f"data.mask_channels: {bad} outside 0..{self.model.out_channels - 1} (offsets)"
+            )
+        if self.training.lsd_sigma is not None and self.semi.method != "supervised":
+            raise ConfigError(
+                "training.lsd_sigma: local shape descriptors are a supervised auxiliary target; "
+                f"set it to null for semi.method {self.semi.method!r}"
             )
         if self.training.loader_workers and self.semi.method != "supervised":
             raise ConfigError(

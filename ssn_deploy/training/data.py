@@ -17,6 +17,7 @@ from ssn_deploy.affinities import affinities_from_labels, class_balance_weights
 from ssn_deploy.errors import InvalidInputError
 from ssn_deploy.training.augment import Augmenter
 from ssn_deploy.training.config import ExtraVolume, ThickSections, UnlabelledSource
+from ssn_deploy.training.lsd import local_shape_descriptors
 from ssn_deploy.volumes import Volume, open_volume
 
 ZRange = tuple[int, int]
@@ -207,11 +208,23 @@ class CropSampler:
 
 @dataclass
 class Batch:
-    """Network-ready tensors as numpy: raw [N,1,Z,Y,X], affinities and weights [N,C,Z,Y,X]."""
+    """Network-ready tensors as numpy: raw [N,1,Z,Y,X], affinities and weights [N,C,Z,Y,X];
+    with local shape descriptors, their targets [N,10,Z,Y,X] and weights [N,1,Z,Y,X]."""
 
     raw: np.ndarray
     affs: np.ndarray
     weights: np.ndarray
+    lsds: np.ndarray | None = None
+    lsd_weights: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LsdTarget:
+    """Local shape descriptors as an auxiliary target: window ``sigma`` nm, computed on a grid
+    ``downsample`` times coarser (see :mod:`ssn_deploy.training.lsd`)."""
+
+    sigma: float
+    downsample: int = 2
 
 
 class BatchSource:
@@ -225,7 +238,9 @@ class BatchSource:
         crop: Sequence[int],
         offsets: Sequence[Sequence[int]],
         mask_channels: Sequence[int] = (),
+        lsd: LsdTarget | None = None,
     ) -> None:
+        self.lsd = lsd
         self.sampler = sampler
         self.augmenter = augmenter
         self.normalize = normalize
@@ -233,14 +248,21 @@ class BatchSource:
         self.offsets = offsets
         self.mask_channels = tuple(mask_channels)
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self) -> tuple[np.ndarray, ...]:
+        """raw, affinities, their weights (and descriptors, their weights with ``lsd``)."""
         slab = self.sampler.choose(self.crop)
         geometry = self.augmenter.geometry(self.crop, slab.raw.shape)
         raw, labels, known = self.sampler.crop(geometry.source_shape(self.crop))
         raw = raw.astype(np.float32) / np.float32(255.0)
         raw, labels, known = self.augmenter(raw, labels, known, geometry)
         affs, weights = make_targets(labels, known, self.offsets, self.mask_channels)
-        return self.normalize(raw)[None], affs, weights
+        if self.lsd is None:
+            return self.normalize(raw)[None], affs, weights
+        # After augmentation, from the labels the network is shown: flips, transposes and
+        # elastic warps need no transform of the descriptors themselves.
+        lsds = local_shape_descriptors(labels, self.lsd.sigma, slab.voxel_size, self.lsd.downsample)
+        lsd_weights = (known & (labels != 0)).astype(np.float32)[None]
+        return self.normalize(raw)[None], affs, weights, lsds, lsd_weights
 
     def batch(self, size: int) -> Batch:
         items = [self.sample() for _ in range(size)]

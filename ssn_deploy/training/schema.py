@@ -85,6 +85,11 @@ KEY_DOCS: dict[str, str] = {
     "training.seed": "seeds crops, augmentations and initialisation",
     "training.init_from": "checkpoint whose weights start the run (e.g. the supervised warm-up "
     "before semi-supervised tuning); path relative to the config file",
+    "training.lsd_sigma": "local shape descriptors (Sheridan et al. 2022) as an auxiliary "
+    "target: their Gaussian window in nm (null: off); a training-only head predicts them from "
+    "the affinity head's features and is not part of the saved model (supervised only)",
+    "training.lsd_weight": "weight of the descriptors' squared error beside the affinity loss",
+    "training.lsd_downsample": "descriptors computed on a grid this many times coarser (speed)",
     "training.log_every": "iterations per log.csv row",
     "training.checkpoint_every": "iterations per checkpoint (last.ckpt and checkpoints/)",
     "training.val_every": "iterations per validation (printed; best.ckpt follows the best)",

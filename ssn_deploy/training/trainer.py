@@ -40,6 +40,7 @@ from ssn_deploy.training.data import (
     Batch,
     BatchSource,
     CropSampler,
+    LsdTarget,
     make_targets,
     read_extra_volume,
     read_rois,
@@ -47,7 +48,8 @@ from ssn_deploy.training.data import (
     read_thick_sections,
 )
 from ssn_deploy.training.loader import ParallelBatches
-from ssn_deploy.training.losses import LOSSES
+from ssn_deploy.training.losses import LOSSES, weighted_mse
+from ssn_deploy.training.lsd import CHANNELS as LSD_CHANNELS
 from ssn_deploy.training.run import prepare_run_dir, record_run
 from ssn_deploy.training.validation import (
     Segmenter,
@@ -66,6 +68,7 @@ CSV_FIELDS = (
     "it_per_s",
     "skipped",
     "grad_norm_max",
+    "lsd_loss",
     "val_loss",
     "val_voi",
     "val_voi_split",
@@ -184,7 +187,14 @@ class Trainer:
             else Normalization()
         )
         self.model = build_model(config.model).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, **ADAM)
+        # Local shape descriptors: a training-only 1×1×1 head beside the affinity head, on the
+        # same features; it is saved with the training state, never in the shipped model.
+        self.lsd_head = (
+            torch.nn.Conv3d(config.model.filters[0], LSD_CHANNELS, 1).to(self.device)
+            if tc.lsd_sigma is not None
+            else None
+        )
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=tc.lr, **ADAM)
         self.loss_fn = LOSSES[tc.loss]
         self.source = BatchSource(
             CropSampler(self.train_slabs, self.generators["sampler"]),
@@ -193,12 +203,18 @@ class Trainer:
             tc.crop,
             config.model.offsets,
             data.mask_channels,
+            LsdTarget(tc.lsd_sigma, tc.lsd_downsample) if tc.lsd_sigma is not None else None,
         )
         self.loader: ParallelBatches | None = None
         self.iteration = 0
         self.skipped = 0
         self.skipped_in_a_row = 0
         self.best: dict[str, Any] = {}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the model's parameters and any training-only head's."""
+        extra = list(self.lsd_head.parameters()) if self.lsd_head is not None else []
+        return list(self.model.parameters()) + extra
 
     # -- one update ------------------------------------------------------------------------
 
@@ -236,7 +252,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.config.training.clip_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip or math.inf)
         finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
         if not (finite_loss and finite_grad):
             self.skipped += 1
@@ -268,9 +284,20 @@ class Trainer:
         raw, affs, weights = (
             torch.from_numpy(a).to(self.device) for a in (batch.raw, batch.affs, batch.weights)
         )
+        if self.lsd_head is None or batch.lsds is None:
+            with autocast(self.device, self.config.training.amp):
+                logits = self.model.forward_logits(raw)
+            return self.loss_fn(logits, affs, weights), {}
+        lsds, lsd_weights = (
+            torch.from_numpy(a).to(self.device) for a in (batch.lsds, batch.lsd_weights)
+        )
         with autocast(self.device, self.config.training.amp):
-            logits = self.model.forward_logits(raw)
-        return self.loss_fn(logits, affs, weights), {}
+            features = self.model.features(raw)
+            logits, lsd_logits = self.model.head(features), self.lsd_head(features)
+        # weights [N,1,...] broadcast over the 10 descriptors: the mean is per voxel-channel
+        lsd_loss = weighted_mse(lsd_logits, lsds, lsd_weights.expand_as(lsds))
+        loss = self.loss_fn(logits, affs, weights) + self.config.training.lsd_weight * lsd_loss
+        return loss, {"lsd_loss": float(lsd_loss.detach())}
 
     def after_update(self) -> None:
         """Hook after each optimizer step (an EMA teacher follows the student here)."""
@@ -335,6 +362,7 @@ class Trainer:
                 "skipped": self.skipped,
                 "skipped_in_a_row": self.skipped_in_a_row,
                 "config": self.config.to_dict(),
+                **({"lsd_head": self.lsd_head.state_dict()} if self.lsd_head is not None else {}),
                 **(extra or {}),
             },
         )
@@ -347,6 +375,10 @@ class Trainer:
         if ckpt.optimizer is None or ckpt.rng is None:
             raise InputNotFoundError(f"{path} holds no training state (a weights-only export)")
         self.model.load_state_dict(ckpt.model.state_dict())
+        if self.lsd_head is not None:
+            if "lsd_head" not in ckpt.extra:
+                raise ConfigError(f"training.lsd_sigma is set but {path} has no descriptor head")
+            self.lsd_head.load_state_dict(ckpt.extra["lsd_head"])
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.normalization = ckpt.normalization
         self.source.normalize = self.normalization.from_unit
@@ -387,6 +419,7 @@ class Trainer:
         )
         window: list[float] = []
         grad_norms: list[float] = []
+        lsd_losses: list[float] = []
         t_last, n_last = time.perf_counter(), self.iteration
         try:
             while self.iteration < iterations:
@@ -397,6 +430,8 @@ class Trainer:
                 if "skipped" not in scalars:
                     window.append(scalars["loss"])
                     grad_norms.append(scalars.get("grad_norm", 0.0))
+                    if "lsd_loss" in scalars:
+                        lsd_losses.append(scalars["lsd_loss"])
                 bar.update(1)
                 final = self.iteration == iterations
                 row: dict[str, Any] = {}
@@ -409,9 +444,10 @@ class Trainer:
                         "it_per_s": round((self.iteration - n_last) / max(now - t_last, 1e-9), 4),
                         "skipped": self.skipped,
                         "grad_norm_max": max(grad_norms, default=""),
+                        "lsd_loss": repr(float(np.mean(lsd_losses))) if lsd_losses else "",
                     }
                     bar.set_postfix(loss=row["loss"][:6])
-                    window, grad_norms = [], []
+                    window, grad_norms, lsd_losses = [], [], []
                     t_last, n_last = now, self.iteration
                 if self.val_slabs and (self.iteration % tc.val_every == 0 or final):
                     metrics = self.validate()
