@@ -275,7 +275,7 @@ class TrainingConfig:
     init_from: str | None = None
     lsd_sigma: float | None = None
     lsd_weight: float = 1.0
-    lsd_downsample: int = 2
+    lsd_downsample: int | tuple[int, int, int] = 2
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -298,10 +298,15 @@ class TrainingConfig:
             raise ConfigError(f"training.loader_workers: must be >= 0, got {self.loader_workers}")
         if self.lsd_sigma is not None and not float(self.lsd_sigma) > 0:
             raise ConfigError(f"training.lsd_sigma: must be > 0 nm or null, got {self.lsd_sigma}")
-        if not float(self.lsd_weight) > 0 or int(self.lsd_downsample) < 1:
+        if not isinstance(self.lsd_downsample, int):
+            object.__setattr__(self, "lsd_downsample", tuple(int(f) for f in self.lsd_downsample))
+        factors = (
+            [self.lsd_downsample] if isinstance(self.lsd_downsample, int) else self.lsd_downsample
+        )
+        if not float(self.lsd_weight) > 0 or len(factors) not in (1, 3) or min(factors) < 1:
             raise ConfigError(
-                "training.lsd_weight must be > 0 and training.lsd_downsample >= 1, got "
-                f"{self.lsd_weight}, {self.lsd_downsample}"
+                "training.lsd_weight must be > 0 and training.lsd_downsample an integer >= 1 "
+                f"or z,y,x factors, got {self.lsd_weight}, {self.lsd_downsample}"
             )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(f"training.clip_grad_norm: must be > 0, got {self.clip_grad_norm}")

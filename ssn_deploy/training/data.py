@@ -224,7 +224,7 @@ class LsdTarget:
     ``downsample`` times coarser (see :mod:`ssn_deploy.training.lsd`)."""
 
     sigma: float
-    downsample: int = 2
+    downsample: int | tuple[int, int, int] = 2
 
 
 class BatchSource:

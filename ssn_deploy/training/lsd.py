@@ -4,11 +4,12 @@ For a voxel v of object s, the 10 descriptors summarise the part of s within a G
 of width ``sigma`` around v: the offset from v to that part's centre of mass (3), its variance
 along each axis (3), its Pearson correlations between axes (3) and its mass, the fraction of the
 window it fills (1). Predicting them next to the affinities makes the network encode object
-shape, not just boundaries (the "lsd-lite" auxiliary task); the extra outputs are dropped after
-training, so shipped models and inference are unchanged.
+shape, not just boundaries (the "lsd-lite" auxiliary task); a training-only head predicts them,
+so shipped models and inference are unchanged.
 
 Computed per object on its bounding box grown by the window's reach, on a grid ``downsample``
-times coarser (as the reference implementation does), then repeated back to full resolution.
+times coarser (per axis: 1×2×2 keeps 50 nm sections whole), as the reference implementation
+does, then repeated back to full resolution.
 Every component is scaled into [0, 1] so one squared-error loss on sigmoid outputs fits all.
 """
 
@@ -28,7 +29,7 @@ def local_shape_descriptors(
     labels: np.ndarray,
     sigma: float,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-    downsample: int = 1,
+    downsample: int | Sequence[int] = 1,
 ) -> np.ndarray:
     """``float32[10, Z, Y, X]`` in [0, 1] for ``labels`` (0 = background: all zeros there).
 
@@ -37,10 +38,11 @@ def local_shape_descriptors(
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3D, got shape {labels.shape}")
-    if not sigma > 0 or downsample < 1:
+    factors = (downsample,) * 3 if isinstance(downsample, int) else tuple(downsample)
+    if not sigma > 0 or len(factors) != 3 or min(factors) < 1:
         raise ValueError(f"sigma must be > 0 and downsample >= 1, got {sigma}, {downsample}")
-    step = np.asarray(voxel_size, float) * downsample
-    coarse = labels[::downsample, ::downsample, ::downsample]
+    step = np.asarray(voxel_size, float) * factors
+    coarse = labels[tuple(slice(None, None, f) for f in factors)]
     sigmas = sigma / step
     reach = np.ceil(TRUNCATE * sigmas).astype(int)
     out = np.zeros((CHANNELS, *coarse.shape), np.float32)
@@ -56,17 +58,16 @@ def local_shape_descriptors(
         mask = coarse[grown] == ids[index]
         descriptors = _descriptors(mask, sigmas, step, sigma)
         out[(slice(None), *grown)][:, mask] = descriptors[:, mask]
-    if downsample == 1:
+    if factors == (1, 1, 1):
         return out
-    return _upsample(out, labels, downsample)
+    return _upsample(out, labels, factors)
 
 
-def _upsample(coarse: np.ndarray, labels: np.ndarray, factor: int) -> np.ndarray:
-    """Repeat coarse descriptors onto the full grid (as the reference implementation does:
-    within one coarse voxel the descriptors change by ~1/(2·sigma) per voxel); voxels of
-    background at full resolution get zeros."""
+def _upsample(coarse: np.ndarray, labels: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Each fine voxel takes its coarse sample's descriptors (nearest neighbour, as the
+    reference implementation does); voxels of background at full resolution get zeros."""
     full = coarse
-    for axis in range(1, 4):
+    for axis, factor in enumerate(factors, start=1):
         full = np.repeat(full, factor, axis=axis)
     full = np.array(full[(slice(None), *(slice(0, n) for n in labels.shape))])
     full[:, labels == 0] = 0.0

@@ -89,7 +89,8 @@ KEY_DOCS: dict[str, str] = {
     "target: their Gaussian window in nm (null: off); a training-only head predicts them from "
     "the affinity head's features and is not part of the saved model (supervised only)",
     "training.lsd_weight": "weight of the descriptors' squared error beside the affinity loss",
-    "training.lsd_downsample": "descriptors computed on a grid this many times coarser (speed)",
+    "training.lsd_downsample": "descriptors computed on a grid this many times coarser "
+    "(speed); an integer or z,y,x factors (1,2,2 for anisotropic sections)",
     "training.log_every": "iterations per log.csv row",
     "training.checkpoint_every": "iterations per checkpoint (last.ckpt and checkpoints/)",
     "training.val_every": "iterations per validation (printed; best.ckpt follows the best)",
