@@ -152,6 +152,7 @@ def test_config_errors_name_the_bad_key(tiny_train, section, change, message) ->
     [
         "fib_medulla_250", "fib_medulla_250_aniso5", "fib_medulla_250_aniso5_thick",
         "fib_medulla_250_extra", "fib_medulla_250_stage3", "vnc_sstem_2dlabels", "fib_tiny_train",
+        "fib_medulla_250_lsd", "fib_medulla_250_aniso5_lsd",
         "gpu/fib_medulla_250_paper", "gpu/fib_medulla_250_aniso5_paper",
     ],
 )  # fmt: skip
@@ -174,6 +175,10 @@ def test_shipped_configs_validate(name) -> None:
     if name == "fib_medulla_250":
         assert cfg.data.test_z == (125, 250) and cfg.data.train_z[1] <= 125
         assert cfg.data.val_z[1] <= 125
+    if name.endswith("_lsd"):  # descriptors on a grid that keeps anisotropic sections whole
+        factors = cfg.training.lsd_downsample
+        assert cfg.training.lsd_sigma == 80.0
+        assert factors == 2 if cfg.data.isotropic else factors == (1, 2, 2)
     if name == "vnc_sstem_2dlabels":
         assert cfg.data.mask_channels == (0,) and cfg.model.poolings[0] == (1, 2, 2)
 
