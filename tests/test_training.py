@@ -516,6 +516,7 @@ def test_shape_descriptor_head_trains_beside_the_model_and_stays_out_of_it(
     assert ckpt.model.state_dict().keys() == plain.keys()
     for name in ("best.ckpt", "last.ckpt"):
         assert load_checkpoint(tmp_path / "a" / name).model.config == cfg.model
+    assert "lsd_head" not in load_checkpoint(tmp_path / "a" / "best.ckpt").extra  # weights only
 
     raw = cfg.to_dict()
     raw["semi"] = {"method": "mean_teacher", "unlabeled": [{"raw": raw["data"]["raw"]}]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import fastremap
 import numpy as np
 from scipy import ndimage
 
@@ -46,16 +47,16 @@ def local_shape_descriptors(
     sigmas = sigma / step
     reach = np.ceil(TRUNCATE * sigmas).astype(int)
     out = np.zeros((CHANNELS, *coarse.shape), np.float32)
-    dense, ids = _dense_ids(coarse)
-    boxes = ndimage.find_objects(dense)
-    for index, box in enumerate(boxes):
+    # objects numbered 1..n (0 kept) so that find_objects gives each one's box
+    dense, _ = fastremap.renumber(coarse, start=1, preserve_zero=True, in_place=False)
+    for index, box in enumerate(ndimage.find_objects(dense), start=1):
         if box is None:
             continue
         grown = tuple(
             slice(max(b.start - r, 0), min(b.stop + r, n))
             for b, r, n in zip(box, reach, coarse.shape, strict=True)
         )
-        mask = coarse[grown] == ids[index]
+        mask = dense[grown] == index
         descriptors = _descriptors(mask, sigmas, step, sigma)
         out[(slice(None), *grown)][:, mask] = descriptors[:, mask]
     if factors == (1, 1, 1):
@@ -72,15 +73,6 @@ def _upsample(coarse: np.ndarray, labels: np.ndarray, factors: tuple[int, ...]) 
     full = np.array(full[(slice(None), *(slice(0, n) for n in labels.shape))])
     full[:, labels == 0] = 0.0
     return full
-
-
-def _dense_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels renumbered 1..n (0 kept) for ``find_objects``, and the original id of each."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    dense = inverse.reshape(labels.shape).astype(np.int32)
-    if ids[0] == 0:
-        return dense, ids[1:]
-    return dense + 1, ids
 
 
 def _descriptors(
@@ -110,7 +102,7 @@ def _descriptors(
         result[3 + i] = np.clip(variances[i] / sigma**2, 0.0, 1.0)
     for k, (i, j) in enumerate(_PAIRS):
         denom = np.sqrt(variances[i] * variances[j])
-        pearson = np.where(denom > 1e-8, second[(i, j)] / np.where(denom > 1e-8, denom, 1.0), 0.0)
+        pearson = np.divide(second[(i, j)], denom, out=np.zeros_like(denom), where=denom > 1e-8)
         result[6 + k] = np.clip(pearson * 0.5 + 0.5, 0.0, 1.0)
     result[9] = np.clip(mass, 0.0, 1.0)
     return result

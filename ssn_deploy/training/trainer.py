@@ -284,7 +284,7 @@ class Trainer:
         raw, affs, weights = (
             torch.from_numpy(a).to(self.device) for a in (batch.raw, batch.affs, batch.weights)
         )
-        if self.lsd_head is None or batch.lsds is None:
+        if self.lsd_head is None:
             with autocast(self.device, self.config.training.amp):
                 logits = self.model.forward_logits(raw)
             return self.loss_fn(logits, affs, weights), {}
@@ -362,7 +362,11 @@ class Trainer:
                 "skipped": self.skipped,
                 "skipped_in_a_row": self.skipped_in_a_row,
                 "config": self.config.to_dict(),
-                **({"lsd_head": self.lsd_head.state_dict()} if self.lsd_head is not None else {}),
+                **(
+                    {"lsd_head": self.lsd_head.state_dict()}
+                    if self.lsd_head is not None and training_state
+                    else {}
+                ),
                 **(extra or {}),
             },
         )
