@@ -10,6 +10,7 @@ counters they update are the ones this process reads.
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import json
 import math
@@ -788,3 +789,15 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
         f.write("\n")
     os.replace(f.name, path)
     print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+def validation_history(
+    log_csv: Path, fields: Sequence[str] = ("voi", "arand", "threshold")
+) -> list[dict[str, float]]:
+    """The validation rows of a training run's ``log.csv`` (``val_`` dropped from the names)."""
+    with open(log_csv, newline="") as f:
+        return [
+            {"iteration": int(r["iteration"])} | {k: float(r[f"val_{k}"]) for k in fields}
+            for r in csv.DictReader(f)
+            if r.get("val_voi")
+        ]

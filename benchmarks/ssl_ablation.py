@@ -39,7 +39,6 @@ are rewritten after every run, so partial results are always readable.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _common as c
 import numpy as np
 import yaml
 
@@ -292,7 +292,7 @@ def run_arm(
     test_s = time.perf_counter() - start
     metrics = json.loads((run / "test.json").read_text())
     shutil.rmtree(run / "test.zarr")
-    history = validation_history(run / "train" / "log.csv")
+    history = c.validation_history(run / "train" / "log.csv")
     best = min(history, key=lambda r: r["voi"])
     return {
         "dataset": ds_name,
@@ -328,20 +328,6 @@ def train_to(
     extra = ["--iterations", stop] if stop else []
     cli("train", path, "-o", run / "train", *resume, *extra, log=run / "commands.log")
     return config
-
-
-def validation_history(log_csv: Path) -> list[dict[str, float]]:
-    with open(log_csv, newline="") as f:
-        return [
-            {
-                "iteration": int(r["iteration"]),
-                "voi": float(r["val_voi"]),
-                "arand": float(r["val_arand"]),
-                "threshold": float(r["val_threshold"]),
-            }
-            for r in csv.DictReader(f)
-            if r.get("val_voi")
-        ]
 
 
 # --- summary -------------------------------------------------------------------------------
